@@ -1,0 +1,170 @@
+"""Recipes: YAML files validated by a pydantic schema. Unknown keys and bad values are rejected with the key's
+dotted path; ``--set key.path=value`` overrides any field. The recipe is unpacked once, in ``fit``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fer_bench.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    """Training augmentation probabilities and ranges (see ``fer_bench.data.AugmentOptions``)."""
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    affine: float = Field(0.7, ge=0, le=1)
+    rotate: float = Field(10.0, ge=0, le=45)
+    scale: float = Field(0.1, ge=0, lt=1)
+    translate: float = Field(0.06, ge=0, le=0.5)
+    color: float = Field(0.5, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=1)
+    erasing: float = Field(0.0, ge=0, le=1)
+
+
+class DataConfig(_Section):
+    dataset: str = "synthfer"
+    root: str = "data/synthfer"
+    label_space: Literal["basic7", "all8"] | None = None  # None: the dataset's own
+    img_size: int = Field(112, ge=16, le=1024)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    augment: AugmentConfig = AugmentConfig()
+    cache_images: bool = True
+    synth: dict[str, Any] | None = None  # SynthFER parameters used when root does not exist yet
+
+
+class ModelConfig(_Section):
+    backbone: str = "vit_tiny_patch16_224"
+    stem: Literal["patch", "conv"] = "patch"
+    pretrained: bool | str = False
+    heads: dict[str, dict[str, Any]] = {}
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    backbone_kwargs: dict[str, Any] = {}
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    workers: int | Literal["auto"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    max_minutes: float | None = Field(None, gt=0)  # stop at an epoch end once this much time has passed
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    experiment: str = "fer_bench"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    run_name: str | None = None
+
+
+class Recipe(_Section):
+    """A training recipe: data, model, optim, runtime, tracking and the output folder."""
+
+    name: str = "recipe"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str = "runs/{name}"
+    eval_after: bool = True  # evaluate the best checkpoint on the test split when training ends
+
+    @field_validator("output_dir")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        found = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        parts.append(f"{key}: {msg}{found}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value is parsed as a YAML scalar/list (numbers, true/false, null, [a, b])."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` strings to a nested dict (copied)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load``), apply ``--set`` overrides and validate it.
+
+    Raises:
+        ConfigError: missing file, invalid YAML (with line), unknown keys or bad values (with their dotted path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(apply_overrides(data, overrides or []), source=str(path))

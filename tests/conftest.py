@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny SynthFER (generated once per session) and a tiny recipe factory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+torch.set_num_threads(2)
+
+TINY_SYNTH = dict(seed=3, size=32, n_train=96, n_val=32, n_test=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_synthfer(tmp_path_factory) -> Path:
+    from fer_bench.data import SynthFERConfig, generate_synthfer
+
+    root = tmp_path_factory.mktemp("synth") / "synthfer"
+    generate_synthfer(out=root, config=SynthFERConfig(**TINY_SYNTH), workers=1)
+    return root
+
+
+def tiny_recipe_dict(root: Path, out: Path, **overrides) -> dict:
+    """A recipe that trains a 2-block ViT on 32-px SynthFER in a few seconds."""
+    recipe = {
+        "name": "tiny",
+        "data": {"dataset": "synthfer", "root": str(root), "img_size": 32},
+        "model": {
+            "backbone": "vit_tiny_patch16_224",
+            "backbone_kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+        },
+        "optim": {"lr": 1e-3, "epochs": 2, "batch_size": 16, "warmup_epochs": 0.5},
+        "runtime": {"precision": "fp32", "seed": 0},
+        "tracking": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "tests"},
+        "output_dir": str(out / "run"),
+    }
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        recipe[section][field] = value
+    return recipe

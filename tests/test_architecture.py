@@ -1,0 +1,68 @@
+"""Import directions (DEVELOPERS.md, style.md §6.2), checked on the source's AST."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fer_bench"
+BASE = {"fer_bench", "fer_bench.errors", "fer_bench.registry", "fer_bench._io"}
+
+# layer -> fer_bench sub-packages it must never import
+FORBIDDEN = {
+    "base": {"fer_bench.data", "fer_bench.models", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
+    "data": {"fer_bench.models", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
+    "models": {"fer_bench.data", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
+    "eval": {"fer_bench.train", "fer_bench.cli"},
+    "train": {"fer_bench.cli"},
+    "cli": set(),
+}
+PURE_METRICS = {"eval/metrics.py"}
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    if len(rel.parts) == 1:
+        return "cli" if rel.name == "cli.py" else "base"
+    return rel.parts[0]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_layers_import_only_downwards():
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        layer = _layer(path)
+        for name in _imports(path):
+            for banned in FORBIDDEN[layer]:
+                if name == banned or name.startswith(banned + "."):
+                    problems.append(f"{path.relative_to(PACKAGE)} ({layer}) imports {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_imports_the_cli():
+    offenders = [p for p in PACKAGE.rglob("*.py") if p.name != "cli.py" and "fer_bench.cli" in _imports(p)]
+    assert not offenders
+
+
+def test_metrics_are_pure_numpy():
+    for rel in PURE_METRICS:
+        imports = _imports(PACKAGE / rel)
+        assert imports <= {"__future__", "numpy"}, imports
+
+
+def test_untrusted_input_is_never_code():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "yaml.load(" not in text and "eval(" not in text.replace("model.eval(", "").replace(".eval()", "")
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"

@@ -1,0 +1,139 @@
+"""The CLI through typer's CliRunner: happy paths and bad inputs (one line, exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fer_bench.cli import app
+from tests.conftest import tiny_recipe_dict
+
+runner = CliRunner()
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    assert text.startswith("error:"), text
+    assert len(text.splitlines()) <= 2, text  # rich may wrap a long line once
+    for fragment in fragments:
+        assert fragment in " ".join(text.split()), (fragment, text)
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "eval", "data"):
+        assert command in result.output
+    result = runner.invoke(app, ["data", "--help"])
+    assert "synth" in result.output and "describe" in result.output
+
+
+def test_synth_and_describe_json(tmp_path):
+    out = tmp_path / "sf"
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--n-train",
+            "16",
+            "--n-val",
+            "8",
+            "--n-test",
+            "8",
+            "--workers",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "describe", "--dataset", "synthfer", "--root", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert set(summary) == {"dataset", "layout", "label_space", "splits", "groups", "subsets", "dropped"}
+    assert summary["splits"]["train"]["total"] == 16
+    assert sum(summary["splits"]["test"]["per_label"].values()) == 8
+    assert set(summary["groups"]) == {"skin_tone", "hair", "age", "glasses"}
+    result = runner.invoke(app, ["data", "synth", "--out", str(out), "--size", "32"])
+    _one_line_error(result, "--overwrite")
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), "--size", "33"])
+    _one_line_error(result, "synthfer size")
+
+
+def test_train_then_eval(tiny_synthfer, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
+    result = runner.invoke(app, ["train", str(recipe), "--set", "optim.batch_size=32"])
+    assert result.exit_code == 0, result.output
+    assert "synthfer test accuracy" in result.output
+    checkpoint = tmp_path / "run" / "best.pt"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "synthfer",
+            "--root",
+            str(tiny_synthfer),
+            "--checkpoint",
+            str(checkpoint),
+            "--json",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.output[result.output.index("{") :])
+    assert results["n"] == 48 and 0 <= results["metrics"]["acc"] <= 1
+    assert set(results["groups"]) == {"skin_tone", "hair", "age", "glasses"}
+    assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000
+    assert (tmp_path / "ev" / "report.md").read_text().startswith("# Evaluation: synthfer / test")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["data", "describe", "--dataset", "rafdbb", "--root", "."], ["unknown dataset 'rafdbb'"]),
+        (["data", "describe", "--dataset", "synthfer", "--root", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
+        (["train", "/no/such/recipe.yaml"], ["recipe file not found"]),
+        (["eval", "--dataset", "synthfer", "--root", ".", "--checkpoint", "/no/such.pt"], ["file not found"]),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(args, fragments):
+    _one_line_error(runner.invoke(app, args), *fragments)
+
+
+def test_bad_recipe_key_and_bad_checkpoint(tmp_path, tiny_synthfer):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  lr: 0.1\n  moment: 0.9\n")
+    _one_line_error(runner.invoke(app, ["train", str(recipe)]), "optim.moment: unknown key")
+    result = runner.invoke(app, ["train", str(recipe), "--set", "optim.moment"])
+    _one_line_error(result, "key.path=value")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x04garbage")
+    result = runner.invoke(
+        app, ["eval", "--dataset", "synthfer", "--root", str(tiny_synthfer), "--checkpoint", str(bad)]
+    )
+    _one_line_error(result, str(bad))
+
+
+def test_corrupt_image_is_named(tmp_path, tiny_synthfer):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_synthfer, root)
+    victim = sorted((root / "images" / "test").glob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(root, tmp_path, **{"optim.epochs": 1})))
+    # Training caches only train/val images; evaluation on test hits the corrupt file.
+    result = runner.invoke(app, ["train", str(recipe)])
+    _one_line_error(result, victim.name, "cannot decode")

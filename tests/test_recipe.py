@@ -1,0 +1,63 @@
+"""Recipes: validation errors name the dotted key; overrides; every shipped recipe validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fer_bench.errors import ConfigError
+from fer_bench.train import load_recipe
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    path = _write(tmp_path, "optim:\n  lr: 0.001\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+        load_recipe(path)
+
+
+def test_bad_value_is_named_with_its_path_and_value(tmp_path):
+    path = _write(tmp_path, "runtime:\n  precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"runtime\.precision: .*'fp8'"):
+        load_recipe(path)
+    path = _write(tmp_path, "optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr: Input should be greater than 0"):
+        load_recipe(path)
+
+
+def test_invalid_yaml_reports_the_line(tmp_path):
+    path = _write(tmp_path, "optim:\n  lr: 0.1\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:\d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_overrides(tmp_path):
+    path = _write(tmp_path, "name: x\noptim:\n  lr: 0.001\n")
+    recipe = load_recipe(path, ["optim.lr=3e-4", "data.img_size=64", "model.pretrained=false", "tracking.enabled=no"])
+    assert recipe.optim.lr == 3e-4 and recipe.data.img_size == 64 and recipe.model.pretrained is False
+    assert recipe.tracking.enabled is False
+    with pytest.raises(ConfigError, match=r"optim\.epochs"):
+        load_recipe(path, ["optim.epochs=zero"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_recipe(path, ["optim.lr"])
+    with pytest.raises(ConfigError, match="model.colour: unknown key"):
+        load_recipe(path, ["model.colour=red"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem

@@ -1,0 +1,127 @@
+"""Training: the loss goes down, resume reproduces an uninterrupted run, checkpoints are safe, MLflow is optional."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+
+import pytest
+import torch
+
+from fer_bench.errors import CheckpointError, ConfigError
+from fer_bench.models.checkpoint import load_checkpoint
+from fer_bench.train import fit, recipe_from_dict
+from tests.conftest import tiny_recipe_dict
+
+
+def _summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_training_lowers_the_loss_and_writes_everything(tiny_synthfer, tmp_path):
+    recipe = recipe_from_dict(
+        tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 5, "optim.lr": 2e-3, "optim.batch_size": 8})
+    )
+    result = fit(recipe)
+    rows = _summary(result.output_dir / "summary.csv")
+    assert len(rows) == 5
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.05, losses
+    for name in (
+        "last.pt",
+        "best.pt",
+        "recipe.resolved.yaml",
+        "eval/results.json",
+        "eval/report.md",
+        "eval/confusion_matrix.png",
+    ):
+        assert (result.output_dir / name).is_file(), name
+    state = load_checkpoint(result.output_dir / "last.pt")
+    assert state["epoch"] == 4 and state["label_names"][0] == "neutral"
+    assert result.test_results["n"] == 48
+    resolved = (result.output_dir / "recipe.resolved.yaml").read_text()
+    assert "git_sha" in resolved and "torch" in resolved
+
+    import mlflow
+
+    mlflow.set_tracking_uri(recipe.tracking.tracking_uri)
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["optim.lr"] == "0.002"
+    assert "val_acc" in run.data.metrics and "test/acc" in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train_loss")
+    assert len(history) == 5
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "eval")}
+    assert "eval/report.md" in artifacts
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_synthfer, tmp_path):
+    full = fit(recipe_from_dict(tiny_recipe_dict(tiny_synthfer, tmp_path / "a", **{"optim.epochs": 3})))
+    base = tiny_recipe_dict(tiny_synthfer, tmp_path / "b", **{"optim.epochs": 3})
+    # Interrupt after epoch 2 by running a 2-epoch-long prefix of the same schedule: stop early via max_minutes=0+.
+    part = recipe_from_dict({**base, "runtime": {**base["runtime"], "max_minutes": 1e-9}})
+    first = fit(part)
+    assert first.epochs_run == 1
+    resumed = fit(recipe_from_dict(base), resume=True)
+    assert resumed.epochs_run == 2
+    a, b = _summary(full.output_dir / "summary.csv"), _summary(resumed.output_dir / "summary.csv")
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "val_acc", "lr"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-5, abs=1e-7), (key, ra, rb)
+    wa = load_checkpoint(full.output_dir / "last.pt")["model"]
+    wb = load_checkpoint(resumed.output_dir / "last.pt")["model"]
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_existing_run_is_not_overwritten(tiny_synthfer, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1}))
+    fit(recipe)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        fit(recipe)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "recipe": {}, "payload": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint|refused"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a fer_bench checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    assert pickle  # the payload above is only ever unpickled by a full (unsafe) load
+
+
+def test_unreachable_tracking_store_does_not_stop_training(tiny_synthfer, tmp_path):
+    messages = []
+
+    class Collect:
+        def message(self, text):
+            messages.append(text)
+
+        def start_epoch(self, *a):
+            pass
+
+        def step(self, loss):
+            pass
+
+        def end_epoch(self, row):
+            pass
+
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
+    (tmp_path / "afile").write_text("x")
+    recipe["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/afile/mlflow.db"
+    result = fit(recipe_from_dict(recipe), callbacks=Collect())
+    assert (result.output_dir / "best.pt").is_file()
+    warnings = [m for m in messages if "MLflow" in m]
+    assert len(warnings) == 1 and "continuing without tracking" in warnings[0]
