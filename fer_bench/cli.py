@@ -130,7 +130,7 @@ def train(
 
     config = load_recipe(recipe, set_ or [])
     with _progress() as progress:
-        result = fit(config, resume=resume, callbacks=_CliCallbacks(progress))
+        result = fit(config, resume=resume, callbacks=_CliCallbacks(progress), recipe_path=recipe)
     out = result.output_dir
     stdout.print(f"best val accuracy {result.best_val_acc:.4f} at epoch {result.best_epoch + 1}; run folder {out}")
     if result.test_results:
@@ -167,10 +167,11 @@ def eval_(
     ] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
 ) -> None:
-    """Evaluate a checkpoint: accuracy, mean class accuracy, macro-F1, per-class table, confusion matrix, and
-    accuracy per group and subset column; writes results.json, report.md and confusion_matrix.png."""
-    import torch
+    """Evaluate a checkpoint on a dataset split.
 
+    Accuracy, mean class accuracy, macro-F1, per-class table, confusion matrix and accuracy per group and subset
+    column, written as results.json, report.md and confusion_matrix.png, and logged to MLflow.
+    """
     from fer_bench.data import get_dataset
     from fer_bench.eval import evaluate, write_report
     from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
@@ -219,7 +220,6 @@ def eval_(
         for path in paths.values():
             tracker.log_artifact(path, "eval")
         tracker.end()
-    torch.set_num_threads(torch.get_num_threads())
     if as_json:
         sys.stdout.write(paths["results"].read_text())
         return
@@ -257,7 +257,9 @@ def data_synth(
 ) -> None:
     """Generate SynthFER, the procedurally rendered benchmark with known ground truth."""
     from fer_bench.data import SynthFERConfig, generate_synthfer
+    from fer_bench.data.synthfer import check_output_folder
 
+    check_output_folder(out, overwrite=overwrite)
     config = SynthFERConfig(
         seed=seed,
         size=size,

@@ -44,6 +44,8 @@ def test_overrides(tmp_path):
     recipe = load_recipe(path, ["optim.lr=3e-4", "data.img_size=64", "model.pretrained=false", "tracking.enabled=no"])
     assert recipe.optim.lr == 3e-4 and recipe.data.img_size == 64 and recipe.model.pretrained is False
     assert recipe.tracking.enabled is False
+    recipe = load_recipe(path, ["model.backbone_kwargs.init_values=1e-4", "tracking.run_name=nan"])
+    assert recipe.model.backbone_kwargs["init_values"] == 1e-4 and recipe.tracking.run_name == "nan"
     with pytest.raises(ConfigError, match=r"optim\.epochs"):
         load_recipe(path, ["optim.epochs=zero"])
     with pytest.raises(ConfigError, match="key.path=value"):

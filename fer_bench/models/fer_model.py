@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from fer_bench.errors import ConfigError
 from fer_bench.models.backbone import backbone_family, create_backbone, token_map
 
 
@@ -54,11 +55,10 @@ def create_model(
         num_classes: Size of the label space.
         pretrained: ``False``, a local weights file, or ``True`` (hub).
         heads: Head name → options. No heads are available yet; a non-empty dict raises ConfigError.
-        backbone_kwargs: Extra timm arguments (``depth``, ``patch_size``, ``drop_path_rate``, ...).
+        backbone_kwargs: ``stem`` (``patch`` or ``conv``, see :func:`create_backbone`) and extra timm arguments
+            (``depth``, ``patch_size``, ``global_pool``, ``drop_path_rate``, ...).
     """
     if heads:
-        from fer_bench.errors import ConfigError
-
         raise ConfigError(f"model.heads: no heads are available in this version, got {sorted(heads)}")
     net = create_backbone(
         backbone, num_classes=num_classes, img_size=img_size, pretrained=pretrained, **backbone_kwargs

@@ -206,6 +206,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    memory_format: torch.memory_format,
     label_smoothing: float,
     grad_clip: float | None,
     callbacks: Callbacks,
@@ -213,7 +214,7 @@ def train_one_epoch(
     model.train()
     total, count, correct = 0.0, 0, 0
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)  # [B, 3, S, S]
+        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # [B, 3, S, S]
         labels = batch["label"].to(device, non_blocking=True)  # [B] (or [B, K] soft targets)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)["logits"]  # [B, K]
@@ -236,11 +237,19 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def validate(model: FerModel, loader: DataLoader, *, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+def validate(
+    model: FerModel,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict:
     model.eval()
     total, count, correct = 0.0, 0, 0
     for batch in loader:
-        images, labels = batch["image"].to(device), batch["label"].to(device)
+        images = batch["image"].to(device, memory_format=memory_format)
+        labels = batch["label"].to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)["logits"].float()
         total += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -249,13 +258,16 @@ def validate(model: FerModel, loader: DataLoader, *, device: torch.device, amp_d
     return {"val_loss": total / max(count, 1), "val_acc": correct / max(count, 1)}
 
 
-def fit(recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = None) -> FitResult:
+def fit(
+    recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = None, recipe_path: Path | None = None
+) -> FitResult:
     """Train ``recipe``; write checkpoints, ``recipe.resolved.yaml`` and ``summary.csv`` into its output folder.
 
     Args:
         recipe: A validated recipe (``load_recipe``).
         resume: Continue from ``<output_dir>/last.pt``; the remaining epochs match an uninterrupted run on CPU.
         callbacks: Progress and message hooks.
+        recipe_path: The recipe file, logged to MLflow next to the resolved recipe.
     """
     cb = callbacks or Callbacks()
     out = recipe.resolved_output_dir()
@@ -320,6 +332,8 @@ def fit(recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = N
         stem=recipe.model.stem,
         **backbone_kwargs,
     ).to(device)
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     model_config = {
         "backbone": recipe.model.backbone,
         "stem": recipe.model.stem,
@@ -355,6 +369,7 @@ def fit(recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = N
         cb.message(f"resumed from {last_path} at epoch {start_epoch}")
 
     recipe_dict = recipe.model_dump(mode="json")
+    recipe_dict["output_dir"] = str(out)  # the concrete folder, with {name}/{time} filled in
     env = environment_facts(device)
     resolved = {**recipe_dict, "_resolved": {**env, "label_space": list(label_names), "layout": info.layout}}
     atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -373,6 +388,8 @@ def fit(recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = N
         tracker.log_params(recipe_dict)
         tracker.set_tags({"dataset": info.name, "backbone": recipe.model.backbone, **env})
         tracker.log_artifact(out / "recipe.resolved.yaml", "recipe")
+        if recipe_path is not None:
+            tracker.log_artifact(recipe_path, "recipe")
     run_id = tracker.run_id
 
     val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), shuffle=False, num_workers=workers)
@@ -403,11 +420,12 @@ def fit(recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = N
                 scaler=scaler,
                 device=device,
                 amp_dtype=amp_dtype,
+                memory_format=memory_format,
                 label_smoothing=optim_cfg.label_smoothing,
                 grad_clip=optim_cfg.grad_clip,
                 callbacks=cb,
             )
-            row |= validate(model, val_loader, device=device, amp_dtype=amp_dtype)
+            row |= validate(model, val_loader, device=device, amp_dtype=amp_dtype, memory_format=memory_format)
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.time() - t0, 2)
             summary.append(row)

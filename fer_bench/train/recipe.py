@@ -4,6 +4,7 @@ dotted path; ``--set key.path=value`` overrides any field. The recipe is unpacke
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +73,7 @@ class RuntimeConfig(_Section):
     workers: int | Literal["auto"] = "auto"
     threads: int | None = Field(None, ge=1)
     max_minutes: float | None = Field(None, gt=0)  # stop at an epoch end once this much time has passed
+    channels_last: bool = False  # NHWC tensors: ~25 % faster conv stems on CPUs (oneDNN); no gain for patchify ViTs
 
 
 class TrackingConfig(_Section):
@@ -101,7 +103,15 @@ class Recipe(_Section):
         return value
 
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name))
+        """``output_dir`` with ``{name}`` and ``{time}`` (local YYYYmmdd-HHMMSS) filled in."""
+        import time
+
+        try:
+            return Path(self.output_dir.format(name=self.name, time=time.strftime("%Y%m%d-%H%M%S")))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"output_dir {self.output_dir!r}: only {{name}} and {{time}} can be filled in ({exc})"
+            ) from None
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -114,12 +124,18 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _parse_value(text: str) -> Any:
     """A ``--set`` value is parsed as a YAML scalar/list (numbers, true/false, null, [a, b])."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _NUMBER.match(value):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        return float(value)
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
