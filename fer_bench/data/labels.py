@@ -37,7 +37,9 @@ class LabelSpace:
     def __post_init__(self) -> None:
         unknown = [n for n in self.names if n not in CANONICAL_EXPRESSIONS]
         if unknown:
-            raise ConfigError(f"label space {self.name!r}: {unknown} are not canonical expressions {CANONICAL_EXPRESSIONS}")
+            raise ConfigError(
+                f"label space {self.name!r}: {unknown} are not canonical expressions {CANONICAL_EXPRESSIONS}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +50,9 @@ class LabelSpace:
         try:
             return self.names.index(expression)
         except ValueError:
-            raise ConfigError(f"expression {expression!r} is not in label space {self.name!r} {list(self.names)}") from None
+            raise ConfigError(
+                f"expression {expression!r} is not in label space {self.name!r} {list(self.names)}"
+            ) from None
 
 
 _LABEL_SPACES: Registry[LabelSpace] = Registry("label space")

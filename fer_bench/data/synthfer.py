@@ -439,8 +439,9 @@ def _render_face(
     # Long hair behind the head, neck, ears, face.
     if attrs.hair == 1:
         _ellipse(img, centre + up * 0.02 * size, (face_w * 0.68, face_w * 0.85), angle, attrs.hair_rgb)
-    neck = np.array([lm[5] - up * 0.02 * size, lm[11] - up * 0.02 * size, lm[11] - up * 0.35 * size,
-                     lm[5] - up * 0.35 * size])
+    neck = np.array(
+        [lm[5] - up * 0.02 * size, lm[11] - up * 0.02 * size, lm[11] - up * 0.35 * size, lm[5] - up * 0.35 * size]
+    )
     _poly(img, neck, _mix(skin, (0, 0, 0), 0.12))
     for i in (1, 15):
         _ellipse(img, lm[i] + (lm[i] - centre) * 0.08, (0.035 * size, 0.06 * size), angle, _mix(skin, (0, 0, 0), 0.08))
@@ -462,11 +463,19 @@ def _render_face(
         for k in range(3):
             mid = (lm[19] + lm[24]) / 2 + up * (0.05 + 0.025 * k) * size
             half = right * face_w * (0.22 - 0.03 * k)
-            _poly(img, _curve(mid - half, mid + up * 0.008 * size, mid + half), _mix(skin, (60, 40, 30), 0.45),
-                  closed=False, thickness=1)
+            _poly(
+                img,
+                _curve(mid - half, mid + up * 0.008 * size, mid + half),
+                _mix(skin, (60, 40, 30), 0.45),
+                closed=False,
+                thickness=1,
+            )
         for first in (36, 42):
-            bag = _curve(lm[first] - up * 0.012 * size, (lm[first + 4] + lm[first + 5]) / 2 - up * 0.03 * size,
-                         lm[first + 3] - up * 0.012 * size)
+            bag = _curve(
+                lm[first] - up * 0.012 * size,
+                (lm[first + 4] + lm[first + 5]) / 2 - up * 0.03 * size,
+                lm[first + 3] - up * 0.012 * size,
+            )
             _poly(img, bag, _mix(skin, (60, 40, 30), 0.35), closed=False, thickness=1)
 
     # Expression textures, each drawn with a strength equal to its AU intensity.
@@ -488,8 +497,10 @@ def _render_face(
         crease(_curve(start, (start + end) / 2 + right * side * 0.025 * size, end), strength * 0.8)
     for first, side in ((36, -1), (42, 1)):  # AU6: cheek raise lines below the eyes and crow's feet
         lower_mid = (lm[first + 4] + lm[first + 5]) / 2
-        crease(_curve(lm[first] - up * 0.02 * size, lower_mid - up * 0.035 * size, lm[first + 3] - up * 0.02 * size),
-               a(6, 0.0))
+        crease(
+            _curve(lm[first] - up * 0.02 * size, lower_mid - up * 0.035 * size, lm[first + 3] - up * 0.02 * size),
+            a(6, 0.0),
+        )
         outer = lm[36] if side < 0 else lm[45]
         for k in (-1, 0, 1):
             d = right * side * 0.03 * size + up * k * 0.012 * size
@@ -503,8 +514,13 @@ def _render_face(
 
     # Brows.
     for first in (17, 22):
-        _poly(img, lm[first : first + 5], attrs.hair_rgb if attrs.hair != 2 else (70, 55, 45), closed=False,
-              thickness=max(2, round(size / 40)))
+        _poly(
+            img,
+            lm[first : first + 5],
+            attrs.hair_rgb if attrs.hair != 2 else (70, 55, 45),
+            closed=False,
+            thickness=max(2, round(size / 40)),
+        )
 
     # Eyes: sclera, iris clipped to the eye opening, then the lid lines.
     for first in (36, 42):
@@ -548,8 +564,13 @@ def _render_face(
         for first in (36, 42):
             c = lm[first : first + 6].mean(axis=0)
             _ellipse(img, c, (0.07 * size, 0.05 * size), angle, (25, 25, 30), max(1, round(size / 60)))
-        _poly(img, np.array([lm[39] + right * 0.012 * size, lm[42] - right * 0.012 * size]), (25, 25, 30),
-              closed=False, thickness=max(1, round(size / 60)))
+        _poly(
+            img,
+            np.array([lm[39] + right * 0.012 * size, lm[42] - right * 0.012 * size]),
+            (25, 25, 30),
+            closed=False,
+            thickness=max(1, round(size / 60)),
+        )
 
 
 def _draw_occluder(
@@ -571,8 +592,17 @@ def _draw_occluder(
     elif kind == "mouth_mask":
         color = _mix((200, 215, 235), color, 0.2)
         top = lm[29]
-        poly = np.array([lm[1] + up * 0.0, top - right * 0.12 * size, top + right * 0.12 * size, lm[15],
-                         lm[12], lm[8] - up * 0.01 * size, lm[4]])
+        poly = np.array(
+            [
+                lm[1] + up * 0.0,
+                top - right * 0.12 * size,
+                top + right * 0.12 * size,
+                lm[15],
+                lm[12],
+                lm[8] - up * 0.01 * size,
+                lm[4],
+            ]
+        )
         shapes.append(("poly", (poly,)))
     elif kind == "hand":
         color = tuple(float(v) for v in _SKIN_RGB[int(rng.integers(6))])
@@ -584,8 +614,14 @@ def _draw_occluder(
             shapes.append(("line", (np.array([base, tip]), max(2, size // 22))))
     elif kind == "scarf":
         y0 = lm[57] + up * 0.01 * size
-        poly = np.array([y0 - right * 0.5 * size, y0 + right * 0.5 * size, y0 + right * 0.5 * size - up * 0.4 * size,
-                         y0 - right * 0.5 * size - up * 0.4 * size])
+        poly = np.array(
+            [
+                y0 - right * 0.5 * size,
+                y0 + right * 0.5 * size,
+                y0 + right * 0.5 * size - up * 0.4 * size,
+                y0 - right * 0.5 * size - up * 0.4 * size,
+            ]
+        )
         shapes.append(("poly", (poly,)))
     else:  # block
         w, h = rng.uniform(0.2, 0.45, 2) * size
@@ -738,9 +774,7 @@ def _render_one(config: SynthFERConfig, split_index: int, index: int, label_name
     return rgb, record, occlusion, regions
 
 
-def render_sample(
-    config: SynthFERConfig, split: str, index: int
-) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+def render_sample(config: SynthFERConfig, split: str, index: int) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
     """Render one SynthFER sample in memory: (RGB uint8 [S, S, 3], manifest record, occlusion [S, S], AU regions).
 
     Useful for inspection and tests; ``generate_synthfer`` writes the same pixels to disk.
@@ -763,9 +797,7 @@ def _render_chunk(args) -> list:
     return results
 
 
-def _flip_labels(
-    records: list[dict], config: SynthFERConfig, label_names: tuple[str, ...]
-) -> None:
+def _flip_labels(records: list[dict], config: SynthFERConfig, label_names: tuple[str, ...]) -> None:
     """Flip ``label_noise`` of the training labels in place (exact count, seeded), keeping ``clean_label``."""
     train = [r for r in records if r["split"] == "train"]
     n_flip = round(config.label_noise * len(train))

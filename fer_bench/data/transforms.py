@@ -51,7 +51,9 @@ def create_transform(
     With ``with_keypoints`` the pipeline also moves ``keypoints`` (xy pixels) through the geometric transforms.
     """
     # Resize first: augmenting at the training resolution is several times cheaper than at the source size.
-    steps: list[A.BasicTransform] = [A.Resize(height=img_size, width=img_size, interpolation=cv2.INTER_AREA, strict=True)]
+    steps: list[A.BasicTransform] = [
+        A.Resize(height=img_size, width=img_size, interpolation=cv2.INTER_AREA, strict=True)
+    ]
     if train:
         augment = augment or AugmentOptions()
         if augment.affine > 0:
@@ -66,7 +68,9 @@ def create_transform(
                 )
             )
         if augment.color > 0:
-            steps.append(A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=augment.color, strict=True))
+            steps.append(
+                A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=augment.color, strict=True)
+            )
         if augment.blur > 0:
             steps.append(A.GaussianBlur(sigma_limit=(0.1, 1.0), blur_limit=0, p=augment.blur, strict=True))
         if augment.erasing > 0:

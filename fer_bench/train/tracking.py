@@ -41,6 +41,9 @@ class Tracker:
             os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
             import mlflow
 
+            # mlflow sets its loggers to INFO on import; its table-creation chatter is not for the user.
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
             self._mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_experiment(experiment)
