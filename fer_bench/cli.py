@@ -29,11 +29,18 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="Datasets: generate SynthFER, describe a dataset.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: list adapters, describe and verify a dataset, generate SynthFER.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
-stdout = Console()
+stdout = Console(soft_wrap=True)  # paths and ids must stay on one line for grep and tests
+
+OptionList = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="Adapter option key=value (repeatable), e.g. classes=7, mode=crossentropy."),
+]
 
 
 def _fail(message: str) -> None:
@@ -156,6 +163,7 @@ def eval_(
     dataset: Annotated[str, typer.Option("--dataset", help="Dataset name (e.g. synthfer).")],
     root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint written by ferbench train.")],
+    option: OptionList = None,
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "test",
     out: Annotated[
         Path | None, typer.Option("--out", help="Report folder (default: <checkpoint dir>/eval-<split>).")
@@ -172,7 +180,6 @@ def eval_(
     Accuracy, mean class accuracy, macro-F1, per-class table, confusion matrix and accuracy per group and subset
     column, written as results.json, report.md and confusion_matrix.png, and logged to MLflow.
     """
-    from fer_bench.data import get_dataset
     from fer_bench.eval import evaluate, write_report
     from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
     from fer_bench.train.fit import resolve_device
@@ -180,7 +187,7 @@ def eval_(
 
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
-    info = get_dataset(dataset, root)
+    info, _ = _load_dataset(dataset, root, option)
     device = resolve_device("auto")
     n = len(info.split(split))
     with _progress() as progress:
@@ -224,6 +231,13 @@ def eval_(
         sys.stdout.write(paths["results"].read_text())
         return
     m = results["metrics"]
+    if results.get("cross_dataset"):
+        cross = results["cross_dataset"]
+        stdout.print(
+            f"cross-dataset: scored on {len(cross['scored_classes'])} shared classes; masked logits "
+            f"{cross['masked_logits'] or 'none'}; dropped rows {cross['dropped_rows'] or 'none'}",
+            highlight=False,
+        )
     table = Table(title=f"{dataset} / {split}  (n = {results['n']})")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -286,52 +300,47 @@ def data_synth(
     stdout.print(f"SynthFER written to {path} ({total} images)")
 
 
-def describe_dataset(info) -> dict:
-    names = list(info.label_space.names)
-    manifest = info.manifest
-    splits = {}
-    for split in ("train", "val", "test"):
-        rows = manifest[manifest["split"] == split]
-        if len(rows):
-            counts = rows["label"].value_counts()
-            splits[split] = {
-                "total": int(len(rows)),
-                "per_label": {n: int(counts.get(i, 0)) for i, n in enumerate(names)},
-            }
-    groups = {
-        c: {str(k): int(v) for k, v in manifest[c].fillna("unknown").astype(str).value_counts().sort_index().items()}
-        for c in info.group_columns
-        if c in manifest.columns
-    }
-    subsets = {
-        c: int(manifest[c].fillna(False).astype(bool).sum()) for c in info.subset_columns if c in manifest.columns
-    }
-    return {
-        "dataset": info.name,
-        "layout": info.layout,
-        "label_space": names,
-        "splits": splits,
-        "groups": groups,
-        "subsets": subsets,
-        "dropped": dict(info.dropped),
-    }
+def _load_dataset(dataset: str, root: Path, option: list[str] | None):
+    """Read a dataset with its --option values; returns (info, every option with defaults filled in)."""
+    from fer_bench.data import dataset_options, get_dataset
+    from fer_bench.options import parse_key_values
+
+    options = parse_key_values(option or [], flag="--option")
+    info = get_dataset(dataset, root, **options)
+    return info, {**dataset_options(dataset), **options}
 
 
 @data_app.command("describe")
 @_user_errors
 def data_describe(
-    dataset: Annotated[str, typer.Option("--dataset", help="Dataset name (e.g. synthfer).")],
-    root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    dataset: Annotated[str, typer.Option("--dataset", help="Dataset name (ferbench data list shows them).")],
+    root: Annotated[Path, typer.Option("--root", help="Dataset folder, as its owners distribute it.")],
+    option: OptionList = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print JSON (keys: dataset, layout, label_space, splits, groups, subsets, dropped)."
+        ),
+    ] = False,
 ) -> None:
-    """Counts per split and label, group columns with their values, subsets and dropped rows."""
-    from fer_bench.data import get_dataset
+    """Layout found, counts per split and label, group columns with their values, subsets and dropped rows.
 
-    summary = describe_dataset(get_dataset(dataset, root))
+    Split sizes are compared with the dataset card (datasets/NAME.yaml); a mismatch is a warning on stderr.
+    """
+    from fer_bench.data import count_warnings, describe_dataset, load_card
+
+    info, options = _load_dataset(dataset, root, option)
+    summary = describe_dataset(info)
+    warnings = count_warnings(info, summary, options=options, card=load_card(dataset))
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {dataset} at {root}: {line}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    stdout.print(f"[bold]{summary['dataset']}[/] ({summary['layout']}) at {root}")
+    stdout.print(f"[bold]{summary['dataset']}[/] at {root}", highlight=False)
+    stdout.print(f"layout: {summary['layout']}", highlight=False)
+    if info.protocol:
+        stdout.print(f"protocol: {info.protocol}", highlight=False)
     table = Table(title="images per split and label")
     table.add_column("label")
     for split in summary["splits"]:
@@ -341,11 +350,46 @@ def data_describe(
     table.add_row("[bold]total", *(f"[bold]{s['total']}" for s in summary["splits"].values()))
     stdout.print(table)
     for column, values in summary["groups"].items():
-        stdout.print(f"group {column}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+        stdout.print(f"group {column}: " + ", ".join(f"{k} {v}" for k, v in values.items()), highlight=False)
     for column, count in summary["subsets"].items():
-        stdout.print(f"subset {column}: {count}")
+        stdout.print(f"subset {column}: {count}", highlight=False)
     if summary["dropped"]:
-        stdout.print("dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
+        stdout.print("dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()), highlight=False)
+    for note in info.notes:
+        stdout.print(f"note: {note}", highlight=False)
+
+
+@data_app.command("verify")
+@_user_errors
+def data_verify(
+    dataset: Annotated[str, typer.Option("--dataset", help="Dataset name.")],
+    root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
+    option: OptionList = None,
+) -> None:
+    """Decode every image; list missing or corrupt files (count and the first 20). Exit code 2 if any."""
+    from fer_bench.data import verify_images
+
+    info, _ = _load_dataset(dataset, root, option)
+    with _progress() as progress:
+        task = progress.add_task(f"decoding {dataset}", total=len(info.manifest), info="")
+        report = verify_images(info, progress=lambda k: progress.update(task, advance=k))
+    problems = report["problems"]
+    if problems:
+        for image_id, path, message in problems[:20]:
+            console.print(f"  {path or image_id}: {message}", highlight=False, soft_wrap=True)
+        more = " (first 20 shown)" if len(problems) > 20 else ""
+        _fail(f"{dataset} at {root}: {len(problems)} of {report['checked']} images missing or corrupt{more}")
+    stdout.print(f"{dataset} at {root}: all {report['checked']} images decode")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The dataset names and the options each adapter takes."""
+    from fer_bench.data import dataset_options, list_datasets
+
+    for name in list_datasets():
+        options = ", ".join(f"{k}={v}" for k, v in dataset_options(name).items()) or "-"
+        stdout.print(f"[bold]{name}[/]  options: {options}", highlight=False)
 
 
 def main() -> None:

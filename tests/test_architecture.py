@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fer_bench"
-BASE = {"fer_bench", "fer_bench.errors", "fer_bench.registry", "fer_bench._io"}
+BASE = {"fer_bench", "fer_bench.errors", "fer_bench.registry", "fer_bench._io", "fer_bench.options"}
 
 # layer -> fer_bench sub-packages it must never import
 FORBIDDEN = {
@@ -66,3 +66,15 @@ def test_untrusted_input_is_never_code():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+def test_importing_fer_bench_asks_no_network():
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None); import fer_bench.data; "
+        "print(os.environ['NO_ALBUMENTATIONS_UPDATE'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "1" and "fetching version" not in out.stderr

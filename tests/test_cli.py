@@ -58,7 +58,7 @@ def test_synth_and_describe_json(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["data", "describe", "--dataset", "synthfer", "--root", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert set(summary) == {"dataset", "layout", "label_space", "splits", "groups", "subsets", "dropped"}
     assert summary["splits"]["train"]["total"] == 16
     assert sum(summary["splits"]["test"]["per_label"].values()) == 8
@@ -138,3 +138,99 @@ def test_corrupt_image_is_named(tmp_path, tiny_synthfer):
     # Training caches only train/val images; evaluation on test hits the corrupt file.
     result = runner.invoke(app, ["train", str(recipe)])
     _one_line_error(result, victim.name, "cannot decode")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dataset adapters through the CLI
+
+
+def _fixture_trees(tmp_path):
+    from tests import formats
+
+    return {
+        ("rafdb", ()): formats.write_rafdb_official(tmp_path / "rafdb"),
+        ("rafdb-compound", ()): formats.write_rafdb_compound(tmp_path / "rafc"),
+        ("affectnet", ("classes=7",)): formats.write_affectnet_csv(tmp_path / "aff"),
+        ("ferplus", ("mode=crossentropy",)): formats.write_ferplus_csv(tmp_path / "fp"),
+        ("fer2013", ()): formats.write_class_folders(tmp_path / "fer"),
+        ("infer", ("fold=2",)): formats.write_infer(tmp_path / "infer"),
+        ("folder", ()): formats.write_class_folders(tmp_path / "folder", splits=("train",)),
+    }
+
+
+def test_describe_json_for_every_adapter(tmp_path):
+    for (name, options), root in _fixture_trees(tmp_path).items():
+        args = ["data", "describe", "--dataset", name, "--root", str(root), "--json"]
+        for option in options:
+            args += ["--option", option]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (name, result.output)
+        summary = json.loads(result.stdout)
+        assert set(summary) == {"dataset", "layout", "label_space", "splits", "groups", "subsets", "dropped"}
+        assert summary["dataset"] == name
+        for split in summary["splits"].values():
+            assert split["total"] == sum(split["per_label"].values()) > 0
+
+
+def test_describe_text_warns_on_counts_that_differ_from_the_card(tmp_path):
+    from tests import formats
+
+    root = formats.write_rafdb_official(tmp_path / "raf")
+    result = runner.invoke(app, ["data", "describe", "--dataset", "rafdb", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "train: found 14 images, expected 12,271" in result.stderr
+    assert "layout: official basic" in result.stdout and "group gender:" in result.stdout
+    assert "subset occlusion: 2" in result.stdout and "no Annotation/manual file" in result.stdout
+    ferplus = formats.write_ferplus_csv(tmp_path / "fp")
+    result = runner.invoke(app, ["data", "describe", "--dataset", "ferplus", "--root", str(ferplus)])
+    assert "dropped: blank image name (excluded by FER+) 2" in result.stdout
+    assert "votes from fer2013new" in result.stdout
+
+
+def test_describe_bad_inputs_are_one_line(tmp_path):
+    from tests import formats
+
+    root = formats.write_affectnet_csv(tmp_path / "aff")
+    csv_path = root / "Manually_Annotated_file_lists" / "training.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0], lines[1].replace(",0,0.25,", ",x,0.25,"), *lines[2:]]))
+    result = runner.invoke(app, ["data", "describe", "--dataset", "affectnet", "--root", str(root)])
+    _one_line_error(result, "training.csv:2:", "must be numbers")
+    result = runner.invoke(app, ["data", "describe", "--dataset", "affectnet", "--root", str(root), "-o", "classes"])
+    _one_line_error(result, "--option 'classes': expected key=value")
+    result = runner.invoke(app, ["data", "describe", "--dataset", "rafdb", "--root", str(tmp_path)])
+    _one_line_error(result, "no RAF-DB layout found", "list_patition_label.txt")
+
+
+def test_verify_lists_missing_and_corrupt_images(tmp_path):
+    from tests import formats
+
+    root = formats.write_rafdb_official(tmp_path / "raf")
+    result = runner.invoke(app, ["data", "verify", "--dataset", "rafdb", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "all 21 images decode" in result.output
+    aligned = root / "basic" / "Image" / "aligned"
+    (aligned / "train_00001_aligned.jpg").unlink()
+    (aligned / "test_0002_aligned.jpg").write_bytes(b"\xff\xd8 truncated")
+    result = runner.invoke(app, ["data", "verify", "--dataset", "rafdb", "--root", str(root)])
+    _one_line_error(result, "2 of 21 images missing or corrupt")
+    assert "train_00001_aligned.jpg: image file is missing" in result.output
+    assert "test_0002_aligned.jpg: cannot decode" in result.output
+
+
+def test_cross_dataset_eval_masks_contempt(tiny_synthfer, tmp_path):
+    """An all8 SynthFER model scored on a 7-class dataset: the contempt logit is masked, the report says so."""
+    from tests import formats
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    root = formats.write_class_folders(tmp_path / "fer", per_class=3)
+    args = ["eval", "--dataset", "fer2013", "--root", str(root), "--checkpoint", str(tmp_path / "run" / "best.pt")]
+    result = runner.invoke(app, [*args, "--json", "--no-tracking", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)
+    assert results["cross_dataset"]["masked_logits"] == ["contempt"]
+    assert results["label_space"]["name"] == "basic7" and results["n"] == 21
+    assert len(results["confusion_matrix"]) == 7
+    assert "masked model logits (not in the dataset): contempt" in (tmp_path / "ev" / "report.md").read_text()

@@ -38,6 +38,27 @@ def decode_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _clamped_box(bbox, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    height, width = shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    x0, y0 = min(max(0, int(round(x0))), width - 1), min(max(0, int(round(y0))), height - 1)
+    x1, y1 = max(x0 + 1, min(width, int(round(x1)))), max(y0 + 1, min(height, int(round(y1))))
+    return x0, y0, x1, y1
+
+
+def crop_box(image: np.ndarray, bbox) -> np.ndarray:
+    """``image`` cropped to ``bbox`` = (x0, y0, x1, y1) in pixels, clamped to the image (never empty).
+
+    Example:
+        >>> crop_box(np.zeros((10, 20, 3), np.uint8), [2, 3, 12, 50]).shape
+        (7, 10, 3)
+    """
+    if bbox is None or (isinstance(bbox, float) and np.isnan(bbox)):
+        return image
+    x0, y0, x1, y1 = _clamped_box(bbox, image.shape)
+    return image[y0:y1, x0:x1]
+
+
 def flip_landmarks(points: np.ndarray, width: int) -> np.ndarray:
     """Mirror (N, 2) landmarks horizontally and swap left/right indices (68- or 5-point order)."""
     mirrored = points.copy()
@@ -50,7 +71,8 @@ class FaceDataset(Dataset):
     """Images of one manifest split, decoded with OpenCV and passed through an albumentations pipeline.
 
     Each item is a dict with ``image`` (float [3, S, S]), ``label`` (int64), ``index`` (row in ``rows``) and, when
-    asked for, ``landmarks`` ([N, 2] in output pixels) and ``occlusion`` (uint8 [S, S]).
+    asked for, ``landmarks`` ([N, 2] in output pixels), ``occlusion`` (uint8 [S, S]) and ``target`` (float [K]: the
+    ``soft_target`` distribution, or for ``target_kind="sample"`` a one-hot class drawn from it).
 
     Augmentation randomness is a pure function of (``seed``, epoch, index), set by :meth:`set_epoch`, so a resumed
     run and any number of loader workers see exactly the same samples.
@@ -64,6 +86,11 @@ class FaceDataset(Dataset):
         return_landmarks: Include ``landmarks`` (needs the column).
         occlusion_masks: Optional [N_all, H, W] array indexed by the ``mask_index`` column.
         cache_images: Keep decoded images in memory after the first read (small datasets).
+        image_array: In-memory images ([N, H, W] grey or [N, H, W, 3] RGB uint8) indexed by ``array_index``, for
+            datasets distributed as pixel tables (FER2013, FERPlus); rows then have an empty ``path``.
+        crop_to_bbox: Crop to the ``bbox`` column (x0, y0, x1, y1; clamped to the image) before the transform.
+        target_kind: ``label`` (no ``target``), ``soft``, ``multi_target`` (``target`` = ``soft_target``) or
+            ``sample`` (a class drawn from ``soft_target`` per (seed, epoch, index)).
     """
 
     def __init__(
@@ -77,6 +104,9 @@ class FaceDataset(Dataset):
         return_landmarks: bool = False,
         occlusion_masks: np.ndarray | None = None,
         cache_images: bool = False,
+        image_array: np.ndarray | None = None,
+        crop_to_bbox: bool = False,
+        target_kind: str = "label",
     ) -> None:
         self.rows = rows.reset_index(drop=True)
         self.root = Path(root)
@@ -89,6 +119,45 @@ class FaceDataset(Dataset):
         self.labels = self.rows["label"].to_numpy(dtype=np.int64)
         self.paths = self.rows["path"].tolist()
         self._cache: dict[int, np.ndarray] | None = {} if cache_images else None
+        self.image_array = image_array
+        self.crop_to_bbox = crop_to_bbox and "bbox" in self.rows.columns
+        self.target_kind = target_kind
+        if target_kind != "label" and "soft_target" not in self.rows.columns:
+            raise DataError(f"target_kind={target_kind!r} needs a soft_target column; this dataset has none")
+        self.soft_targets = (
+            np.stack(self.rows["soft_target"].map(np.asarray).to_list()).astype(np.float32)
+            if target_kind != "label"
+            else None
+        )
+
+    @classmethod
+    def from_info(
+        cls,
+        info,
+        split: str,
+        *,
+        transform: A.Compose,
+        train: bool = False,
+        hflip: float = 0.0,
+        seed: int = 0,
+        cache_images: bool = False,
+        return_landmarks: bool = False,
+        rows: pd.DataFrame | None = None,
+    ) -> FaceDataset:
+        """The dataset of one split of a :class:`~fer_bench.data.DatasetInfo`, with the adapter's image source,
+        face crop and (for training) its target kind. ``rows`` replaces the split's rows (a filtered subset)."""
+        return cls(
+            info.split(split) if rows is None else rows,
+            root=info.root,
+            transform=transform,
+            hflip=hflip if train else 0.0,
+            seed=seed,
+            cache_images=cache_images,
+            return_landmarks=return_landmarks,
+            image_array=info.extra("images"),
+            crop_to_bbox=info.crop_to_bbox,
+            target_kind=info.target_kind if train else "label",
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -97,9 +166,16 @@ class FaceDataset(Dataset):
         return len(self.rows)
 
     def load_image(self, index: int) -> np.ndarray:
+        """The RGB uint8 image of row ``index`` (decoded file or in-memory array; cropped when asked)."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        image = decode_image(self.root / self.paths[index])
+        if self.image_array is not None:
+            image = self.image_array[int(self.rows.at[index, "array_index"])]
+            image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+        else:
+            image = decode_image(self.root / self.paths[index])
+        if self.crop_to_bbox:
+            image = crop_box(image, self.rows.at[index, "bbox"])
         if self._cache is not None:
             self._cache[index] = image
         return image
@@ -112,6 +188,9 @@ class FaceDataset(Dataset):
 
         targets: dict[str, np.ndarray] = {}
         landmarks = landmarks_array(self.rows.at[index, "landmarks"]) if self.return_landmarks else None
+        if landmarks is not None and self.crop_to_bbox:
+            x0, y0, *_ = _clamped_box(self.rows.at[index, "bbox"], image.shape)
+            landmarks = landmarks - np.array([x0, y0], dtype=np.float32)
         mask = None
         if self.occlusion_masks is not None:
             mask = self.occlusion_masks[int(self.rows.at[index, "mask_index"])]
@@ -131,4 +210,10 @@ class FaceDataset(Dataset):
             item["landmarks"] = torch.as_tensor(np.asarray(out["keypoints"], dtype=np.float32))
         if mask is not None:
             item["occlusion"] = torch.as_tensor(np.asarray(out["mask"]))
+        if self.soft_targets is not None:
+            target = self.soft_targets[index]
+            if self.target_kind == "sample":  # FER+ "probability": one class per sample and epoch
+                drawn = rng.choice(len(target), p=target / target.sum())
+                target = np.eye(len(target), dtype=np.float32)[drawn]
+            item["target"] = torch.as_tensor(target)
         return item

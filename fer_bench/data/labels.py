@@ -27,14 +27,61 @@ CANONICAL_EXPRESSIONS: tuple[str, ...] = (
 )
 
 
+#: Folder and CSV spellings accepted for each canonical expression (matched case-insensitively).
+EXPRESSION_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "neutral": ("neutral", "ne", "calm"),
+    "happiness": ("happiness", "happy", "ha", "joy"),
+    "sadness": ("sadness", "sad", "sa"),
+    "surprise": ("surprise", "surprised", "su"),
+    "fear": ("fear", "fearful", "afraid", "af", "fe"),
+    "disgust": ("disgust", "disgusted", "di"),
+    "anger": ("anger", "angry", "an"),
+    "contempt": ("contempt",),
+}
+_SYNONYM_TO_NAME = {syn: name for name, syns in EXPRESSION_SYNONYMS.items() for syn in syns}
+
+
+def canonical_expression(text: str) -> str | None:
+    """The canonical expression a folder or CSV label spells, or None.
+
+    Example:
+        >>> canonical_expression("Angry"), canonical_expression(" surprised "), canonical_expression("other")
+        ('anger', 'surprise', None)
+    """
+    return _SYNONYM_TO_NAME.get(str(text).strip().lower())
+
+
+#: RAF-DB compound classes (labels 1..11 in ``list_patition_label.txt``), a taxonomy of its own.
+RAFDB_COMPOUND_CLASSES: tuple[str, ...] = (
+    "happily_surprised",
+    "happily_disgusted",
+    "sadly_fearful",
+    "sadly_angry",
+    "sadly_surprised",
+    "sadly_disgusted",
+    "fearfully_angry",
+    "fearfully_surprised",
+    "angrily_surprised",
+    "angrily_disgusted",
+    "disgustedly_surprised",
+)
+
+
 @dataclass(frozen=True)
 class LabelSpace:
-    """An ordered list of canonical expression names; a label is an index into ``names``."""
+    """An ordered list of class names; a label is an index into ``names``.
+
+    Canonical spaces use the canonical expression names, so they can be compared across datasets; a
+    non-canonical taxonomy (RAF-DB compound) cannot be scored against another dataset.
+    """
 
     name: str
     names: tuple[str, ...]
+    canonical: bool = True
 
     def __post_init__(self) -> None:
+        if not self.canonical:
+            return
         unknown = [n for n in self.names if n not in CANONICAL_EXPRESSIONS]
         if unknown:
             raise ConfigError(
@@ -58,10 +105,11 @@ class LabelSpace:
 _LABEL_SPACES: Registry[LabelSpace] = Registry("label space")
 _LABEL_SPACES.register("basic7", LabelSpace("basic7", CANONICAL_EXPRESSIONS[:7]))
 _LABEL_SPACES.register("all8", LabelSpace("all8", CANONICAL_EXPRESSIONS))
+_LABEL_SPACES.register("rafdb_compound", LabelSpace("rafdb_compound", RAFDB_COMPOUND_CLASSES, canonical=False))
 
 
 def get_label_space(name: str) -> LabelSpace:
-    """Return a named label space (``basic7`` or ``all8``)."""
+    """Return a named label space (``basic7``, ``all8`` or ``rafdb_compound``)."""
     return _LABEL_SPACES.get(name)
 
 

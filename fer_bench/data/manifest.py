@@ -9,6 +9,9 @@ image_id       yes        unique, stable id (the dataset's own name for the imag
 path           yes        image path relative to the dataset root (may be empty for in-memory images)
 split          yes        ``train`` | ``val`` | ``test``
 label          yes        int index into the dataset's label space
+native_label   adapters   the label exactly as the dataset's files give it (string), kept next to ``label``
+soft_target    no         per-class target distribution over the label space (FERPlus votes), for soft training
+array_index    no         row in the adapter's in-memory image array (``extras["images"]``) when ``path`` is empty
 clean_label    no         the true label where the given one may be noisy
 landmarks      no         flat list x0, y0, x1, y1, ... of 68 (iBUG-300W order) or 5 points, in image pixels
 bbox           no         face box x0, y0, x1, y1 in image pixels
@@ -23,7 +26,7 @@ which are subsets.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,14 @@ class DatasetInfo:
         group_columns: Demographic attribute columns.
         subset_columns: Boolean subset columns.
         dropped: Rows left out while reading, by reason.
-        extras: Adapter-specific arrays (e.g. SynthFER's masks), aligned by a manifest column.
+        extras: Adapter-specific arrays (e.g. SynthFER's masks, FER2013's pixels), aligned by a manifest column;
+            a callable value is loaded on first use.
+        protocol: The evaluation protocol these splits implement, in words (recorded in every result).
+        crop_to_bbox: Crop each image to its ``bbox`` column before the transform (AffectNet's full images).
+        target_kind: What training fits: ``label`` (hard labels), ``soft`` (cross-entropy on ``soft_target``),
+            ``sample`` (one class drawn from ``soft_target`` per sample and epoch) or ``multi_target``
+            (FERPlus: -log max_k t_k p_k).
+        notes: Facts worth telling the user (missing annotation files, generated folds, ...).
     """
 
     name: str
@@ -61,6 +71,17 @@ class DatasetInfo:
     subset_columns: tuple[str, ...] = ()
     dropped: dict[str, int] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
+    protocol: str = ""
+    crop_to_bbox: bool = False
+    target_kind: str = "label"
+    notes: list[str] = field(default_factory=list)
+
+    def extra(self, key: str) -> object:
+        """``extras[key]``, loading it on first use when it was stored as a callable."""
+        value = self.extras.get(key)
+        if callable(value):
+            value = self.extras[key] = value()
+        return value
 
     def split(self, name: str) -> pd.DataFrame:
         """The rows of one split (index reset), or a DataError listing the splits that exist."""
@@ -85,6 +106,35 @@ def validate_manifest(manifest: pd.DataFrame, *, num_classes: int, source: str) 
     labels = manifest["label"].to_numpy()
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{source}: labels must lie in [0, {num_classes - 1}], found {labels.min()}..{labels.max()}")
+
+
+def with_validation_split(info: DatasetInfo, *, fraction: float, seed: int) -> DatasetInfo:
+    """Move a stratified ``fraction`` of ``train`` to a new ``val`` split (for datasets that ship none).
+
+    The draw depends only on (``seed``, the train rows' ids and labels), so every run of a recipe validates on the
+    same images. Returns a new DatasetInfo; a dataset that already has ``val`` rows is returned unchanged.
+    """
+    manifest = info.manifest
+    if (manifest["split"] == "val").any():
+        return info
+    if not 0 < fraction < 1:
+        raise DataError(f"val_fraction: expected a value in (0, 1), got {fraction}")
+    train = manifest.index[manifest["split"] == "train"]
+    if len(train) < 2:
+        raise DataError(f"dataset {info.name!r}: no val split and too few train rows ({len(train)}) to carve one")
+    rng = np.random.default_rng(seed)
+    chosen: list = []
+    labels = manifest.loc[train, "label"].to_numpy()
+    for label in np.unique(labels):
+        members = np.asarray(train[labels == label])
+        # At least one image per class that has two or more, so small datasets still validate on every class.
+        take = max(1, int(round(len(members) * fraction))) if len(members) >= 2 else 0
+        if take and take < len(members):
+            chosen.extend(rng.choice(members, size=take, replace=False).tolist())
+    manifest = manifest.copy()
+    manifest.loc[chosen, "split"] = "val"
+    protocol = f"{info.protocol}; val = {fraction:.0%} of train, stratified, seed {seed}".lstrip("; ")
+    return replace(info, manifest=manifest, protocol=protocol)
 
 
 def dataset_hash(image_ids, labels) -> str:

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 
 from fer_bench import __version__
 from fer_bench._io import atomic_path, atomic_write_text
-from fer_bench.data import DatasetInfo, FaceDataset, create_transform, dataset_hash
+from fer_bench.data import DatasetInfo, FaceDataset, create_transform, dataset_hash, get_label_space
+from fer_bench.data.labels import list_label_spaces
+from fer_bench.errors import ConfigError
 from fer_bench.eval import metrics as M
 from fer_bench.models import FerModel
 
@@ -89,6 +91,36 @@ def compute_results(
     return results
 
 
+def label_alignment(model_names: tuple[str, ...], dataset_names: tuple[str, ...]) -> dict[str, Any]:
+    """How a model's classes meet a dataset's: the shared classes (in dataset order) are scored; model classes the
+    dataset lacks have their logits masked; dataset rows of classes the model lacks are dropped.
+
+    Example:
+        >>> a = label_alignment(("neutral", "anger", "contempt"), ("neutral", "anger"))
+        >>> a["scored"], a["masked_logits"], a["dropped_classes"]
+        (['neutral', 'anger'], ['contempt'], [])
+    """
+    scored = [n for n in dataset_names if n in model_names]
+    if not scored:
+        raise ConfigError(
+            f"the model predicts {list(model_names)} and the dataset uses {list(dataset_names)}: no class in common"
+        )
+    return {
+        "scored": scored,
+        "masked_logits": [n for n in model_names if n not in dataset_names],
+        "dropped_classes": [n for n in dataset_names if n not in model_names],
+    }
+
+
+def _space_name(names: list[str], dataset_space) -> str:
+    if tuple(names) == tuple(dataset_space.names):
+        return dataset_space.name
+    for candidate in list_label_spaces():
+        if tuple(get_label_space(candidate).names) == tuple(names):
+            return candidate
+    return "shared"
+
+
 def evaluate(
     model: FerModel,
     info: DatasetInfo,
@@ -103,24 +135,43 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``model`` on ``split`` of ``info`` and return the results dict (see :func:`compute_results`).
 
-    The model's label space must equal the dataset's (names in the same order); cross-space scoring is a later
-    addition and raises ConfigError here.
+    ``label_names`` are the model's classes. When they differ from the dataset's, scoring goes through the
+    canonical names (:func:`label_alignment`): a 7-class model on an 8-class dataset drops the contempt rows, an
+    8-class model on a 7-class dataset has its contempt logit masked; ``cross_dataset`` in the result says which.
     """
-    from fer_bench.errors import ConfigError
-
-    if tuple(label_names) != tuple(info.label_space.names):
-        raise ConfigError(
-            f"the model predicts {list(label_names)} but dataset {info.name!r} uses {list(info.label_space.names)}"
-        )
+    model_names, dataset_names = tuple(label_names), tuple(info.label_space.names)
     rows = info.split(split)
-    dataset = FaceDataset(rows, root=info.root, transform=create_transform(train=False, img_size=img_size))
+    cross = None
+    if model_names != dataset_names:
+        if not info.label_space.canonical:
+            raise ConfigError(
+                f"dataset {info.name!r} uses its own taxonomy {list(dataset_names)}; only a model trained on it "
+                f"can be scored on it (the model predicts {list(model_names)})"
+            )
+        alignment = label_alignment(model_names, dataset_names)
+        keep = rows["label"].map(lambda i: dataset_names[i] in alignment["scored"]).to_numpy(bool)
+        dropped = rows.loc[~keep, "label"].map(lambda i: dataset_names[i]).value_counts()
+        cross = {
+            "model_classes": list(model_names),
+            "dataset_classes": list(dataset_names),
+            "scored_classes": alignment["scored"],
+            "masked_logits": alignment["masked_logits"],
+            "dropped_rows": {str(k): int(v) for k, v in dropped.items()},
+        }
+        rows = rows[keep].reset_index(drop=True)
+        scored = alignment["scored"]
+    else:
+        scored = list(dataset_names)
+    dataset = FaceDataset.from_info(info, split, transform=create_transform(train=False, img_size=img_size), rows=rows)
     probs = predict(model, dataset, batch_size=batch_size, device=device, workers=workers, progress=progress)
-    y_true = rows["label"].to_numpy(np.int64)
+    # Columns of the scored classes, in dataset order: masking a logit = leaving its column out of the argmax.
+    probs = probs[:, [model_names.index(n) for n in scored]]
+    y_true = rows["label"].map(lambda i: scored.index(dataset_names[i])).to_numpy(np.int64)
     y_pred = probs.argmax(axis=1)
     results = compute_results(
         y_true=y_true,
         y_pred=y_pred,
-        label_names=tuple(label_names),
+        label_names=tuple(scored),
         rows=rows,
         group_columns=info.group_columns,
         subset_columns=info.subset_columns,
@@ -129,8 +180,10 @@ def evaluate(
         "schema_version": RESULTS_SCHEMA_VERSION,
         "dataset": info.name,
         "layout": info.layout,
+        "protocol": info.protocol,
         "split": split,
-        "label_space": {"name": info.label_space.name, "names": list(label_names)},
+        "label_space": {"name": _space_name(scored, info.label_space), "names": scored},
+        "cross_dataset": cross,
         "dataset_hash": dataset_hash(rows["image_id"].tolist(), y_true),
         **results,
         "config": {"img_size": img_size, "test_time": "resize to img_size, no flip averaging"},
@@ -171,6 +224,21 @@ def _confusion_png(path: Path, cm: np.ndarray, label_names: list[str]) -> None:
     plt.close(fig)
 
 
+def _cross_dataset_lines(cross: dict[str, Any] | None) -> list[str]:
+    if not cross:
+        return []
+    lines = [
+        f"- cross-dataset: the model predicts {len(cross['model_classes'])} classes, the dataset has "
+        f"{len(cross['dataset_classes'])}; scored on the {len(cross['scored_classes'])} shared canonical classes"
+    ]
+    if cross["masked_logits"]:
+        lines.append(f"- masked model logits (not in the dataset): {', '.join(cross['masked_logits'])}")
+    if cross["dropped_rows"]:
+        dropped = ", ".join(f"{k} {v}" for k, v in cross["dropped_rows"].items())
+        lines.append(f"- dropped dataset rows (class not predicted by the model): {dropped}")
+    return lines
+
+
 def _report_md(results: dict[str, Any]) -> str:
     m = results["metrics"]
     names = results["label_space"]["names"]
@@ -178,9 +246,11 @@ def _report_md(results: dict[str, Any]) -> str:
         f"# Evaluation: {results['dataset']} / {results['split']}",
         "",
         f"- checkpoint: `{results.get('checkpoint', '-')}`",
+        f"- protocol: {results.get('protocol') or '-'} (layout: {results.get('layout', '-')})",
         f"- label space: {results['label_space']['name']} ({', '.join(names)})",
         f"- images: {results['n']}; dataset hash `{results['dataset_hash'][:16]}…`",
         f"- fer_bench {results['fer_bench_version']}, {results['created']}",
+        *_cross_dataset_lines(results.get("cross_dataset")),
         "",
         "| metric | value |",
         "|---|---|",

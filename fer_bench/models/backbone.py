@@ -38,17 +38,22 @@ def create_backbone(
     """Create a timm ViT or Swin with ``num_classes`` outputs at ``img_size``.
 
     Args:
-        name: A timm model name of the ViT (incl. hybrid) or Swin family, e.g. ``vit_tiny_patch16_224``.
+        name: A timm model name of the ViT (incl. hybrid) or Swin family, e.g. ``vit_tiny_patch16_224``, optionally
+            with a weights tag (``vit_base_patch16_224.augreg_in21k_ft_in1k``).
         pretrained: ``False`` (random init), a local weights file (.safetensors/.pth/.bin), or ``True`` (the hub).
         stem: ``patch`` (the architecture's own) or ``conv`` (ViT only: a BatchNorm conv stem, see
             :mod:`fer_bench.models.conv_stem`; faster to train from scratch, not compatible with pretrained weights).
         kwargs: Passed to ``timm.create_model`` (e.g. ``depth``, ``patch_size``, ``drop_path_rate``); ``None``
             values are dropped.
     """
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+    architecture, tag = timm.models.split_model_name_tag(name)  # "vit_base_patch16_224.augreg_in21k" has a weights tag
+    if architecture not in timm.list_models():
+        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:5]
         raise ConfigError(f"model.backbone {name!r}: not a timm model name; e.g. {close}")
-    module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    if tag and name not in timm.list_models(architecture, pretrained=True):
+        tags = timm.list_models(architecture, pretrained=True)[:6]
+        raise ConfigError(f"model.backbone {name!r}: timm has no weights tagged {tag!r}; e.g. {tags}")
+    module = timm.models.model_entrypoint(architecture).__module__.rsplit(".", 1)[-1]
     if module not in _SUPPORTED_MODULES:
         raise ConfigError(
             f"model.backbone {name!r}: only timm ViT and Swin models are supported (this one is from {module}.py)"

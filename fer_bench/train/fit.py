@@ -30,11 +30,13 @@ from fer_bench.data import (
     create_transform,
     generate_synthfer,
     get_dataset,
+    with_validation_split,
 )
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, write_report
 from fer_bench.models import FerModel, create_model
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from fer_bench.train.losses import classification_loss
 from fer_bench.train.recipe import Recipe, recipe_from_dict
 from fer_bench.train.tracking import Tracker, resume_tracker
 
@@ -116,6 +118,16 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def class_balanced_sampler(labels: np.ndarray, *, generator: torch.Generator) -> torch.utils.data.Sampler:
+    """Draw ``len(labels)`` indices with replacement, each class equally likely (AffectNet's usual fix for its
+    imbalanced training set); the order depends only on ``generator``'s seed."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), num_samples=len(labels), replacement=True, generator=generator
+    )
+
+
 def build_optimizer(model: FerModel, *, lr: float, weight_decay: float, layer_decay: float | None):
     """AdamW via timm (no decay on norms/biases/position embeddings; optional layer-wise lr decay)."""
     from timm.optim import create_optimizer_v2
@@ -164,7 +176,10 @@ def load_data(recipe: Recipe, callbacks: Callbacks) -> DatasetInfo:
         t0 = time.time()
         generate_synthfer(out=root, config=config)
         callbacks.message(f"SynthFER generated in {time.time() - t0:.0f} s")
-    info = get_dataset(recipe.data.dataset, root)
+    info = get_dataset(recipe.data.dataset, root, **recipe.data.options)
+    if not (info.manifest["split"] == recipe.data.val_split).any() and recipe.data.val_split == "val":
+        info = with_validation_split(info, fraction=recipe.data.val_fraction, seed=recipe.runtime.seed)
+        callbacks.message(f"{info.name} has no val split: validating on {recipe.data.val_fraction:.0%} of train")
     if recipe.data.label_space and recipe.data.label_space != info.label_space.name:
         raise ConfigError(
             f"data.label_space: {recipe.data.label_space!r} differs from the dataset's {info.label_space.name!r}; "
@@ -210,15 +225,23 @@ def train_one_epoch(
     label_smoothing: float,
     grad_clip: float | None,
     callbacks: Callbacks,
+    target_kind: str = "label",
+    max_steps: int | None = None,
 ) -> dict[str, float]:
+    """One pass over ``loader`` (or fewer batches once ``max_steps`` optimiser steps were taken in all)."""
     model.train()
     total, count, correct = 0.0, 0, 0
     for batch in loader:
+        if max_steps is not None and scheduler.last_epoch >= max_steps:
+            break
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # [B, 3, S, S]
-        labels = batch["label"].to(device, non_blocking=True)  # [B] (or [B, K] soft targets)
+        labels = batch["label"].to(device, non_blocking=True)  # [B]
+        target = batch["target"].to(device, non_blocking=True) if "target" in batch else None  # [B, K] soft targets
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)["logits"]  # [B, K]
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        loss = classification_loss(
+            logits, labels=labels, target=target, target_kind=target_kind, label_smoothing=label_smoothing
+        )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip:
@@ -230,8 +253,7 @@ def train_one_epoch(
         n = len(images)
         total += loss.item() * n
         count += n
-        if labels.ndim == 1:
-            correct += (logits.argmax(1) == labels).sum().item()
+        correct += (logits.argmax(1) == labels).sum().item()
         callbacks.step(loss.item())
     return {"train_loss": total / max(count, 1), "train_acc": correct / max(count, 1)}
 
@@ -304,20 +326,23 @@ def fit(
     info = load_data(recipe, cb)
     label_names = info.label_space.names
     aug = AugmentOptions(**data_cfg.augment.model_dump())
-    train_set = FaceDataset(
-        info.split(data_cfg.train_split),
-        root=info.root,
+    train_set = FaceDataset.from_info(
+        info,
+        data_cfg.train_split,
         transform=create_transform(train=True, img_size=data_cfg.img_size, augment=aug),
+        train=True,
         hflip=aug.hflip,
         seed=rt.seed,
         cache_images=data_cfg.cache_images,
     )
-    val_set = FaceDataset(
-        info.split(data_cfg.val_split),
-        root=info.root,
+    val_set = FaceDataset.from_info(
+        info,
+        data_cfg.val_split,
         transform=create_transform(train=False, img_size=data_cfg.img_size),
         cache_images=data_cfg.cache_images,
     )
+    if info.target_kind != "label":
+        cb.message(f"{info.name}: training on soft targets ({info.target_kind}); {info.protocol}")
     workers = (0 if device.type == "cpu" else 8) if rt.workers == "auto" else rt.workers
 
     backbone_kwargs = dict(recipe.model.backbone_kwargs)
@@ -371,7 +396,10 @@ def fit(
     recipe_dict = recipe.model_dump(mode="json")
     recipe_dict["output_dir"] = str(out)  # the concrete folder, with {name}/{time} filled in
     env = environment_facts(device)
-    resolved = {**recipe_dict, "_resolved": {**env, "label_space": list(label_names), "layout": info.layout}}
+    resolved = {
+        **recipe_dict,
+        "_resolved": {**env, "label_space": list(label_names), "layout": info.layout, "protocol": info.protocol},
+    }
     atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     trk = recipe.tracking
@@ -401,12 +429,16 @@ def fit(
             train_set.set_epoch(epoch)
             # The shuffle order is a function of (seed, epoch) alone, so --resume replays the same batches.
             order = torch.Generator().manual_seed(rt.seed * 1000 + epoch)
+            sampler = (
+                class_balanced_sampler(train_set.labels, generator=order) if data_cfg.sampler != "random" else None
+            )
             train_loader = DataLoader(
                 train_set,
                 batch_size=optim_cfg.batch_size,
-                shuffle=True,
+                shuffle=sampler is None,
+                sampler=sampler,
                 drop_last=True,
-                generator=order,
+                generator=order if sampler is None else None,
                 num_workers=workers,
                 persistent_workers=False,
             )
@@ -424,6 +456,8 @@ def fit(
                 label_smoothing=optim_cfg.label_smoothing,
                 grad_clip=optim_cfg.grad_clip,
                 callbacks=cb,
+                target_kind=info.target_kind,
+                max_steps=rt.max_steps,
             )
             row |= validate(model, val_loader, device=device, amp_dtype=amp_dtype, memory_format=memory_format)
             row["lr"] = optimizer.param_groups[0]["lr"]
@@ -458,6 +492,9 @@ def fit(
             cb.end_epoch(row)
             if rt.max_minutes and sum(r["seconds"] for r in summary) > rt.max_minutes * 60:
                 cb.message(f"runtime.max_minutes={rt.max_minutes} reached after epoch {epoch}; stopping")
+                break
+            if rt.max_steps and scheduler.last_epoch >= rt.max_steps:
+                cb.message(f"runtime.max_steps={rt.max_steps} reached in epoch {epoch}; stopping")
                 break
 
         test_results = None

@@ -4,7 +4,6 @@ dotted path; ``--set key.path=value`` overrides any field. The recipe is unpacke
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fer_bench.errors import ConfigError
+from fer_bench.options import parse_scalar
 
 
 class _Section(BaseModel):
@@ -34,6 +34,9 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     dataset: str = "synthfer"
     root: str = "data/synthfer"
+    options: dict[str, Any] = {}  # adapter options, e.g. {classes: 7} for affectnet, {mode: crossentropy} for ferplus
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # carved (stratified, seeded) from train when the dataset has no val
+    sampler: Literal["random", "class_balanced"] = "random"  # class_balanced: each class equally likely per draw
     label_space: Literal["basic7", "all8"] | None = None  # None: the dataset's own
     img_size: int = Field(112, ge=16, le=1024)
     train_split: str = "train"
@@ -73,6 +76,7 @@ class RuntimeConfig(_Section):
     workers: int | Literal["auto"] = "auto"
     threads: int | None = Field(None, ge=1)
     max_minutes: float | None = Field(None, gt=0)  # stop at an epoch end once this much time has passed
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimiser steps (smoke tests of real recipes)
     channels_last: bool = False  # NHWC tensors: ~25 % faster conv stems on CPUs (oneDNN); no gain for patchify ViTs
 
 
@@ -124,20 +128,6 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _parse_value(text: str) -> Any:
-    """A ``--set`` value is parsed as a YAML scalar/list (numbers, true/false, null, [a, b])."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and _NUMBER.match(value):  # YAML 1.1 reads "1e-4" (no dot) as a string
-        return float(value)
-    return value
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` strings to a nested dict (copied)."""
     import copy
@@ -154,15 +144,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parse_scalar(value)
     return out
 
 
 def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
+    """Validate a recipe dict, including the dataset name and its adapter options."""
+    from fer_bench.data import check_dataset_options
+    from fer_bench.errors import FerBenchError
+
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    try:
+        check_dataset_options(recipe.data.dataset, recipe.data.options)
+    except FerBenchError as exc:
+        raise ConfigError(f"{source}: data: {exc}") from None
+    return recipe
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

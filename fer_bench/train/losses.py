@@ -1,0 +1,46 @@
+"""Training losses for hard labels and for the soft targets some datasets provide (FERPlus votes)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MULTI_TARGET_EPSILON = 0.001
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    *,
+    labels: torch.Tensor,
+    target: torch.Tensor | None = None,
+    target_kind: str = "label",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean loss of a batch.
+
+    * ``label``: cross-entropy on ``labels`` [B] (with label smoothing).
+    * ``soft`` / ``sample``: cross-entropy -Σ_k t_k log p_k on ``target`` [B, K] (a distribution or a drawn one-hot).
+    * ``multi_target``: -log max_k(t'_k p_k) with t' = (1-ε)·[t > 0] + ε, ε = 0.001 (Barsoum et al., 2016; the
+      official FER+ trainer): any class the annotators chose counts as right.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0]])
+        >>> a = classification_loss(logits, labels=torch.tensor([0]))
+        >>> b = classification_loss(logits, labels=torch.tensor([0]), target=torch.tensor([[1.0, 0.0]]),
+        ...                         target_kind="soft")
+        >>> bool(torch.isclose(a, b))
+        True
+    """
+    logits = logits.float()  # [B, K]
+    if target_kind == "label":
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if target is None:
+        raise ValueError(f"target_kind={target_kind!r} needs the batch's 'target'")
+    if target_kind in ("soft", "sample"):
+        return F.cross_entropy(logits, target.float(), label_smoothing=label_smoothing)
+    if target_kind == "multi_target":
+        mask = (target > 0).float()
+        weights = (1 - MULTI_TARGET_EPSILON) * mask + MULTI_TARGET_EPSILON  # [B, K]
+        best = (weights * logits.softmax(dim=1)).max(dim=1).values  # [B]
+        return -torch.log(best.clamp_min(1e-12)).mean()
+    raise ValueError(f"unknown target_kind {target_kind!r}")

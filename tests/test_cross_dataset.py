@@ -1,0 +1,59 @@
+"""Scoring a model on a dataset with another label space goes through the canonical names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fer_bench.data import get_dataset
+from fer_bench.errors import ConfigError
+from fer_bench.eval import evaluate
+from fer_bench.eval.evaluator import label_alignment
+from fer_bench.models import create_model
+from tests import formats
+
+BASIC7 = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")
+ALL8 = (*BASIC7, "contempt")
+
+
+def _model(num_classes: int, favour: int | None = None):
+    torch.manual_seed(0)
+    model = create_model(
+        "vit_tiny_patch16_224", num_classes=num_classes, img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2
+    )
+    if favour is not None:  # this class wins every argmax unless its logit is masked
+        with torch.no_grad():
+            model.backbone.get_classifier().bias[favour] = 1e4
+    return model
+
+
+def test_alignment_table():
+    a = label_alignment(BASIC7, ALL8)
+    assert a == {"scored": list(BASIC7), "masked_logits": [], "dropped_classes": ["contempt"]}
+    with pytest.raises(ConfigError, match="no class in common"):
+        label_alignment(("neutral",), ("anger",))
+
+
+def test_eight_class_model_on_seven_class_data_masks_contempt(tmp_path):
+    info = get_dataset("fer2013", formats.write_class_folders(tmp_path / "fer", per_class=2))
+    results = evaluate(_model(8, favour=7), info, split="test", img_size=32, label_names=ALL8)
+    assert results["cross_dataset"]["masked_logits"] == ["contempt"]
+    assert results["n"] == 14 and np.asarray(results["confusion_matrix"]).sum() == 14
+
+
+def test_seven_class_model_on_eight_class_data_drops_contempt_rows(tmp_path):
+    root = formats.write_class_folders(tmp_path / "f", splits=("test",), names=("happy", "contempt", "angry"))
+    info = get_dataset("folder", root)
+    results = evaluate(_model(7, favour=1), info, split="test", img_size=32, label_names=BASIC7)
+    assert results["cross_dataset"]["dropped_rows"] == {"contempt": 2}
+    assert results["n"] == 4
+    # happiness favoured: the 2 happy rows are right, the 2 angry rows wrong
+    assert results["metrics"]["acc"] == 0.5
+    assert results["per_class"]["happiness"]["recall"] == 1.0
+
+
+def test_compound_taxonomy_cannot_be_crossed(tmp_path):
+    info = get_dataset("rafdb-compound", formats.write_rafdb_compound(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="its own taxonomy"):
+        evaluate(_model(7), info, split="test", img_size=32, label_names=BASIC7)
