@@ -37,6 +37,8 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 stdout = Console(soft_wrap=True)  # paths and ids must stay on one line for grep and tests
 
+DatasetName = Annotated[str, typer.Option("--dataset", help="Dataset name (ferbench data list shows them).")]
+DatasetRoot = Annotated[Path, typer.Option("--root", help="Dataset folder, as its owners distribute it.")]
 OptionList = Annotated[
     list[str] | None,
     typer.Option("--option", "-o", help="Adapter option key=value (repeatable), e.g. classes=7, mode=crossentropy."),
@@ -160,8 +162,8 @@ def train(
 @app.command("eval")
 @_user_errors
 def eval_(
-    dataset: Annotated[str, typer.Option("--dataset", help="Dataset name (e.g. synthfer).")],
-    root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
+    dataset: DatasetName,
+    root: DatasetRoot,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint written by ferbench train.")],
     option: OptionList = None,
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "test",
@@ -313,8 +315,8 @@ def _load_dataset(dataset: str, root: Path, option: list[str] | None):
 @data_app.command("describe")
 @_user_errors
 def data_describe(
-    dataset: Annotated[str, typer.Option("--dataset", help="Dataset name (ferbench data list shows them).")],
-    root: Annotated[Path, typer.Option("--root", help="Dataset folder, as its owners distribute it.")],
+    dataset: DatasetName,
+    root: DatasetRoot,
     option: OptionList = None,
     as_json: Annotated[
         bool,
@@ -362,8 +364,8 @@ def data_describe(
 @data_app.command("verify")
 @_user_errors
 def data_verify(
-    dataset: Annotated[str, typer.Option("--dataset", help="Dataset name.")],
-    root: Annotated[Path, typer.Option("--root", help="Dataset folder.")],
+    dataset: DatasetName,
+    root: DatasetRoot,
     option: OptionList = None,
 ) -> None:
     """Decode every image; list missing or corrupt files (count and the first 20). Exit code 2 if any."""

@@ -170,20 +170,20 @@ def write_affectnet_folders(root: Path, *, per_code: int = 1) -> Path:
 
 #: (Usage, Image name, votes neutral..NF) — the hand-computed excerpt (see test_adapters.py for the expected sizes).
 FERPLUS_ROWS: list[tuple[str, str, list[int]]] = [
-    ("Training", "fer0000000.png", [10, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-    ("Training", "fer0000001.png", [6, 0, 0, 4, 0, 0, 0, 0, 0, 0]),
-    ("Training", "fer0000002.png", [5, 5, 0, 0, 0, 0, 0, 0, 0, 0]),
+    ("Training", "fer0000000.png", [10, 0, 0, 0, 0, 0, 0, 0, 0, 0]),  # every mode: neutral
+    ("Training", "fer0000001.png", [6, 0, 0, 4, 0, 0, 0, 0, 0, 0]),  # every mode keeps it (6 > 5)
+    ("Training", "fer0000002.png", [5, 5, 0, 0, 0, 0, 0, 0, 0, 0]),  # majority drops (5 !> 5); others keep
     ("Training", "", [4, 0, 0, 0, 6, 0, 0, 0, 0, 0]),  # blank name: excluded by FER+
-    ("Training", "fer0000004.png", [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
-    ("Training", "fer0000005.png", [0, 0, 0, 0, 0, 0, 0, 0, 6, 4]),
-    ("Training", "fer0000006.png", [0, 3, 3, 3, 0, 0, 0, 0, 0, 0]),  # sums to 9
+    ("Training", "fer0000004.png", [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # all single votes: only argmax keeps
+    ("Training", "fer0000005.png", [0, 0, 0, 0, 0, 0, 0, 0, 6, 4]),  # unknown wins: dropped everywhere
+    ("Training", "fer0000006.png", [0, 3, 3, 3, 0, 0, 0, 0, 0, 0]),  # sums to 9; majority drops
     ("Training", "fer0000007.png", [0, 0, 0, 0, 8, 2, 0, 0, 0, 0]),  # name reused by a later row
     ("PublicTest", "fer0000008.png", [0, 0, 0, 0, 0, 0, 7, 3, 0, 0]),
     ("Training", "fer0000007.png", [0, 0, 0, 0, 0, 0, 0, 9, 1, 0]),
     ("PrivateTest", "fer0000010.png", [0, 0, 2, 0, 8, 0, 0, 0, 0, 0]),
-    ("PrivateTest", "fer0000011.png", [4, 4, 0, 0, 0, 0, 0, 0, 2, 0]),
+    ("PrivateTest", "fer0000011.png", [4, 4, 0, 0, 0, 0, 0, 0, 2, 0]),  # no majority: dropped (test)
     ("PublicTest", "", [0, 10, 0, 0, 0, 0, 0, 0, 0, 0]),
-    ("Training", "fer0000013.png", [4, 2, 2, 0, 0, 0, 0, 0, 0, 2]),
+    ("Training", "fer0000013.png", [4, 2, 2, 0, 0, 0, 0, 0, 0, 2]),  # CE/probability/argmax keep; majority, multi drop
 ]
 #: label.csv disagrees with fer2013new.csv for fer0000001.png (sadness wins there).
 LABEL_CSV_OVERRIDES = {"fer0000001.png": [4, 0, 0, 6, 0, 0, 0, 0, 0, 0]}

@@ -191,6 +191,14 @@ def _find_label_csvs(root: Path) -> dict[str, Path] | None:
     return None
 
 
+def _votes_by_name(name: str, table: dict[str, list[int]], reason: str, dropped: Counter) -> list[int] | None:
+    """The votes for ``name`` from the other votes source, or None (counted under ``reason``)."""
+    if name not in table:
+        dropped[reason] += 1
+        return None
+    return table[name]
+
+
 def _row(image_id: str, split: str, votes: list[int], mode: str, dropped: Counter) -> dict | None:
     target, reason = ferplus_target(votes, mode if split == "train" else "majority")
     if target is None:
@@ -259,11 +267,8 @@ def load_ferplus(root: Path, *, votes_source: str | None = None, mode: str = "ma
                 dropped["duplicate image name (a later row reuses it)"] += 1
                 continue
             if source == "label_csv":
-                if name not in label_votes:
-                    dropped["not in label.csv"] += 1
-                    continue
-                votes = label_votes[name]
-            row = _row(name, split, votes, mode, dropped)
+                votes = _votes_by_name(name, label_votes, "not in label.csv", dropped)
+            row = _row(name, split, votes, mode, dropped) if votes is not None else None
             if row is not None:
                 rows.append({**row, "path": "", "array_index": index})
         extras = {"images": lambda: fer2013_pixels(fer_csv)}
@@ -279,11 +284,8 @@ def load_ferplus(root: Path, *, votes_source: str | None = None, mode: str = "ma
             folder = path.parent
             for name, (_, votes) in read_label_csv(path).items():
                 if source == "fer2013new":
-                    if name not in new_votes:
-                        dropped["not in fer2013new.csv"] += 1
-                        continue
-                    votes = new_votes[name]
-                row = _row(name, split, votes, mode, dropped)
+                    votes = _votes_by_name(name, new_votes, "not in fer2013new.csv", dropped)
+                row = _row(name, split, votes, mode, dropped) if votes is not None else None
                 if row is not None:
                     rows.append({**row, "path": (folder / name).relative_to(root).as_posix()})
         extras = {}
