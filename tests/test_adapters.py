@@ -13,6 +13,7 @@ from fer_bench.data.adapters.affectnet import AFFECTNET_CODES
 from fer_bench.data.adapters.fer2013 import FER2013_CODES
 from fer_bench.data.adapters.ferplus import ferplus_target
 from fer_bench.data.adapters.rafdb import RAFDB_CODES
+from fer_bench.data.manifest import landmarks_array
 from fer_bench.errors import ConfigError, DataError
 from tests import formats
 
@@ -138,7 +139,7 @@ def test_affectnet_csv_release(tmp_path, classes):
     native = _native_to_expression(info)
     assert native == {str(k): v for k, v in AFFECTNET_CODES.items() if k < classes}
     row = info.manifest.iloc[0]
-    assert row["bbox"] == [8.0, 8.0, 56.0, 56.0] and len(row["landmarks"]) == 136
+    assert row["bbox"] == [8.0, 8.0, 56.0, 56.0] and landmarks_array(row["landmarks"]).shape == (68, 2)
     assert row["valence"] == 0.25 and row["arousal"] == -0.5
     # the transform input is the face crop (48 px), with landmarks shifted into it
     dataset = FaceDataset.from_info(
@@ -147,7 +148,7 @@ def test_affectnet_csv_release(tmp_path, classes):
     assert dataset.load_image(0).shape == (48, 48, 3)
     item = dataset[0]
     assert item["image"].shape == (3, 32, 32) and item["landmarks"].shape == (68, 2)
-    shifted = (np.asarray(row["landmarks"]).reshape(68, 2) - 8) * 32 / 48  # crop at (8, 8), then 48 -> 32 px
+    shifted = (landmarks_array(row["landmarks"]) - 8) * 32 / 48  # crop at (8, 8), then 48 -> 32 px
     assert np.allclose(item["landmarks"].numpy(), shifted, atol=0.5)
 
 

@@ -14,6 +14,7 @@ soft_target    no         per-class target distribution over the label space (FE
 array_index    no         row in the adapter's in-memory image array (``extras["images"]``) when ``path`` is empty
 clean_label    no         the true label where the given one may be noisy
 landmarks      no         flat list x0, y0, x1, y1, ... of 68 (iBUG-300W order) or 5 points, in image pixels
+                          (or those numbers joined by ``;``, as AffectNet ships them; see ``landmarks_array``)
 bbox           no         face box x0, y0, x1, y1 in image pixels
 <group>        no         demographic attribute columns the dataset declares (strings; ``unknown`` if missing)
 <subset>       no         boolean columns marking evaluation subsets (e.g. ``occluded``)
@@ -146,8 +147,21 @@ def dataset_hash(image_ids, labels) -> str:
 
 
 def landmarks_array(value) -> np.ndarray | None:
-    """A manifest ``landmarks`` cell as an (N, 2) float32 array, or None when absent."""
+    """A manifest ``landmarks`` cell as an (N, 2) float32 array, or None when absent.
+
+    The cell is a flat sequence x0, y0, x1, y1, ... or, as AffectNet distributes them, the same numbers joined by
+    ``;`` (parsed here, on use).
+
+    Example:
+        >>> landmarks_array("1;2;3;4").tolist(), landmarks_array(None)
+        ([[1.0, 2.0], [3.0, 4.0]], None)
+    """
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
+    if isinstance(value, str):
+        try:
+            value = [float(v) for v in value.split(";")]
+        except ValueError:
+            raise DataError(f"landmarks {value[:40]!r}...: expected numbers joined by ';'") from None
     arr = np.asarray(value, dtype=np.float32)
     return arr.reshape(-1, 2) if arr.size else None

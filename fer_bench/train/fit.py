@@ -414,7 +414,15 @@ def fit(
             warn=cb.message,
         )
         tracker.log_params(recipe_dict)
-        tracker.set_tags({"dataset": info.name, "backbone": recipe.model.backbone, **env})
+        tracker.set_tags(
+            {
+                "dataset": info.name,
+                "layout": info.layout,
+                "protocol": info.protocol,
+                "backbone": recipe.model.backbone,
+                **env,
+            }
+        )
         tracker.log_artifact(out / "recipe.resolved.yaml", "recipe")
         if recipe_path is not None:
             tracker.log_artifact(recipe_path, "recipe")

@@ -105,12 +105,10 @@ def read_affectnet_csv(path: Path, *, split: str, image_dir: str, dropped: Count
             if w <= 0 or h <= 0:
                 dropped["negative or zero face size"] += 1
                 continue
-            try:
-                points = np.array(landmarks.split(";"), dtype=np.float32)
-            except ValueError:
-                raise line_error(path, number, "facial_landmarks must be 136 numbers joined by ';'") from None
-            if points.size != 136:
-                raise line_error(path, number, f"facial_landmarks has {points.size} numbers, expected 136 (68 x, y)")
+            # Counted here, parsed on use (landmarks_array): parsing 56M numbers would triple the read time.
+            if landmarks.count(";") != 135:
+                found = landmarks.count(";") + 1 if landmarks else 0
+                raise line_error(path, number, f"facial_landmarks has {found} numbers, expected 136 (68 x, y)")
             rows.append(
                 {
                     "image_id": name,
@@ -119,7 +117,7 @@ def read_affectnet_csv(path: Path, *, split: str, image_dir: str, dropped: Count
                     "expression": AFFECTNET_CODES[code_int],
                     "native_label": str(code_int),
                     "bbox": [x, y, x + w, y + h],
-                    "landmarks": points,
+                    "landmarks": landmarks,
                     "valence": valence_f,
                     "arousal": arousal_f,
                 }
