@@ -87,7 +87,8 @@ def compute_results(
         for column in subset_columns:
             if column in rows.columns:
                 mask = rows[column].fillna(False).astype(bool).to_numpy()
-                results["subsets"][column] = M.group_accuracy(y_true, y_pred, np.where(mask, "true", "false"))
+                if mask.any():  # e.g. RAF-DB's RAN subsets exist only when the user supplied the lists
+                    results["subsets"][column] = M.group_accuracy(y_true, y_pred, np.where(mask, "true", "false"))
     return results
 
 
