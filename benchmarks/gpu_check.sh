@@ -11,7 +11,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no network there (fer_bench sets the latter itself on import)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm, albumentations; print('torch', torch.__version__, 'timm', timm.__version__, 'albumentations', albumentations.__version__)"
 python3 benchmarks/gpu_check.py --epochs 2 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_check.log"
