@@ -159,80 +159,26 @@ def train(
 # eval
 
 
-@app.command("eval")
-@_user_errors
-def eval_(
-    dataset: DatasetName,
-    root: DatasetRoot,
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint written by ferbench train.")],
-    option: OptionList = None,
-    split: Annotated[str, typer.Option("--split", help="Split to score.")] = "test",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Report folder (default: <checkpoint dir>/eval-<split>).")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 128,
-    tracking_uri: Annotated[
-        str | None, typer.Option("--tracking-uri", help="Log to this MLflow store (default: the training run's).")
-    ] = None,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
-) -> None:
-    """Evaluate a checkpoint on a dataset split.
-
-    Accuracy, mean class accuracy, macro-F1, per-class table, confusion matrix and accuracy per group and subset
-    column, written as results.json, report.md and confusion_matrix.png, and logged to MLflow.
-    """
-    from fer_bench.eval import evaluate, write_report
-    from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
-    from fer_bench.train.fit import resolve_device
+def _log_eval_run(results: dict, paths: dict, *, tracking_uri: str, experiment: str, run_name: str, tags: dict) -> None:
+    from fer_bench.eval import flat_metrics
     from fer_bench.train.tracking import Tracker
 
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state)
-    info, _ = _load_dataset(dataset, root, option)
-    device = resolve_device("auto")
-    n = len(info.split(split))
-    with _progress() as progress:
-        task = progress.add_task(f"eval {dataset}/{split}", total=n, info="")
-        results = evaluate(
-            model.to(device),
-            info,
-            split=split,
-            img_size=int(state["model_config"]["img_size"]),
-            label_names=tuple(state["label_names"]),
-            batch_size=batch_size,
-            device=device,
-            progress=lambda k: progress.update(task, advance=k),
-        )
-    results["checkpoint"] = str(checkpoint)
-    out = out or checkpoint.parent / f"eval-{split}"
-    paths = write_report(results, out)
-    if not no_tracking:
-        uri = tracking_uri or state["recipe"].get("tracking", {}).get("tracking_uri", "sqlite:///mlflow.db")
-        experiment = state["recipe"].get("tracking", {}).get("experiment", "fer_bench")
-        tracker = Tracker(
-            enabled=True,
-            tracking_uri=uri,
-            experiment=experiment,
-            run_name=f"eval-{dataset}-{split}",
-            warn=lambda m: console.print(m),
-        )
-        tracker.set_tags(
-            {
-                "kind": "eval",
-                "dataset": dataset,
-                "checkpoint": str(checkpoint),
-                "train_run_id": state.get("mlflow_run_id") or "",
-            }
-        )
-        tracker.log_metrics({f"{split}/{k}": v for k, v in results["metrics"].items()})
-        for path in paths.values():
-            tracker.log_artifact(path, "eval")
-        tracker.end()
-    if as_json:
-        sys.stdout.write(paths["results"].read_text())
-        return
-    m = results["metrics"]
+    tracker = Tracker(
+        enabled=True,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name,
+        warn=lambda m: console.print(m),
+    )
+    tracker.set_tags({"kind": "eval", **tags})
+    tracker.log_metrics(flat_metrics(results))
+    for path in paths.values():
+        tracker.log_artifact(path, "eval")
+    tracker.end()
+
+
+def _print_results(results: dict, paths: dict) -> None:
+    m, ci = results["metrics"], results.get("ci") or {}
     if results.get("cross_dataset"):
         cross = results["cross_dataset"]
         stdout.print(
@@ -240,13 +186,328 @@ def eval_(
             f"{cross['masked_logits'] or 'none'}; dropped rows {cross['dropped_rows'] or 'none'}",
             highlight=False,
         )
-    table = Table(title=f"{dataset} / {split}  (n = {results['n']})")
-    for col in ("metric", "value"):
+    name = (results.get("protocol") or {}).get("name", results["dataset"])
+    table = Table(title=f"{name} / {results['split']}  (n = {results['n']})")
+    for col in ("metric", "value", "95 % CI"):
         table.add_column(col)
-    for key, label in (("acc", "accuracy"), ("mean_class_acc", "mean class accuracy"), ("macro_f1", "macro-F1")):
-        table.add_row(label, f"{m[key]:.4f}")
+    labels = {
+        "acc": "accuracy",
+        "mean_class_acc": "mean class accuracy",
+        "macro_f1": "macro-F1",
+        "weighted_f1": "weighted F1",
+        "ece": "ECE",
+        "nll": "NLL",
+    }
+    for key, label in labels.items():
+        if key in m and m[key] is not None:
+            bounds = ci.get(key)
+            table.add_row(label, f"{m[key]:.4f}", f"[{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else "")
     stdout.print(table)
+    for column, f in results.get("fairness", {}).items():
+        if "+" in column:
+            continue
+        gap, opp = f["max_gap"], f["eq_opp_gap"]
+        text = lambda g: f"{g['value']:.4f}" + (f" [{g['ci'][0]:.4f}, {g['ci'][1]:.4f}]" if g["ci"] else "")  # noqa: E731
+        if gap["value"] is not None and gap["value"] == gap["value"]:
+            stdout.print(
+                f"fairness {column}: worst-group acc {f['worst_group_acc']['value']:.4f}, max gap {text(gap)}, "
+                f"eq. opp. gap {text(opp)} ({len(f['groups_compared'])} groups compared)",
+                highlight=False,
+            )
+    if results.get("robustness"):
+        rob = results["robustness"]
+        stdout.print(f"robustness ({rob['perturbation']}): accuracy drop {rob['drop']['acc']:.4f}", highlight=False)
     stdout.print(f"report: {paths['report']}")
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    dataset: Annotated[str, typer.Option("--dataset", help="Protocol or dataset name (ferbench data list).")],
+    root: DatasetRoot,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint written by train.")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option("--predictions", help="A submission CSV to score instead of a checkpoint.")
+    ] = None,
+    option: OptionList = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: next to the input).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for CIs (0: none).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap and perturbation seed.")] = 0,
+    tta: Annotated[str | None, typer.Option("--tta", help="Test-time augmentation: flip.")] = None,
+    perturb: Annotated[
+        str | None, typer.Option("--perturb", help="occlusion | blur | noise | jpeg: score under a perturbation.")
+    ] = None,
+    min_group_size: Annotated[
+        int, typer.Option("--min-group-size", min=1, help="Smaller groups are reported but left out of gaps.")
+    ] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 128,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow store (default: the training run's, or mlflow.db).")
+    ] = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
+) -> None:
+    """Score a checkpoint or a submission under a fixed protocol.
+
+    Headline metrics with bootstrap CIs, calibration, per-class and per-group tables, fairness gaps with CIs,
+    dataset bias; written as results.json, report.md and PNG plots, and logged to MLflow.
+    """
+    from fer_bench.errors import ConfigError
+    from fer_bench.eval import evaluate, get_protocol, load_protocol_data, write_report
+    from fer_bench.eval.evaluator import score_submission
+    from fer_bench.options import parse_key_values
+
+    if (checkpoint is None) == (predictions is None):
+        raise ConfigError("give exactly one of --checkpoint PATH or --predictions FILE.csv")
+    protocol = get_protocol(dataset)
+    state = None
+    if checkpoint is not None:  # read the (small) checkpoint before the (possibly large) dataset
+        from fer_bench.models.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint)
+    info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
+    if predictions is not None:
+        results = score_submission(
+            predictions, info, protocol, n_bootstrap=bootstrap, seed=seed, min_group_size=min_group_size
+        )
+        out = out or predictions.parent / f"eval-{protocol.name}"
+    else:
+        from fer_bench.models.checkpoint import model_from_checkpoint
+        from fer_bench.train.fit import resolve_device
+
+        model = model_from_checkpoint(state)
+        device = resolve_device("auto")
+        with _progress() as progress:
+            task = progress.add_task(f"eval {protocol.name}", total=None, info="")
+            results = evaluate(
+                model.to(device),
+                info,
+                protocol=protocol,
+                img_size=int(state["model_config"]["img_size"]),
+                label_names=tuple(state["label_names"]),
+                batch_size=batch_size,
+                device=device,
+                tta=tta,
+                perturb=perturb,
+                perturb_seed=seed,
+                n_bootstrap=bootstrap,
+                seed=seed,
+                min_group_size=min_group_size,
+                progress=lambda k: progress.update(task, advance=k),
+            )
+        results["checkpoint"] = str(checkpoint)
+        out = out or checkpoint.parent / (f"eval-{protocol.name}" + (f"-{perturb}" if perturb else ""))
+    paths = write_report(results, out)
+    if not no_tracking:
+        recipe_tracking = (state or {}).get("recipe", {}).get("tracking", {})
+        _log_eval_run(
+            results,
+            paths,
+            tracking_uri=tracking_uri or recipe_tracking.get("tracking_uri", "sqlite:///mlflow.db"),
+            experiment=recipe_tracking.get("experiment", "fer_bench"),
+            run_name=f"eval-{protocol.name}",
+            tags={
+                "dataset": protocol.name,
+                "checkpoint": str(checkpoint or ""),
+                "predictions": str(predictions or ""),
+                "train_run_id": (state or {}).get("mlflow_run_id") or "",
+                "backbone": (state or {}).get("model_config", {}).get("backbone", ""),
+            },
+        )
+    if as_json:
+        sys.stdout.write(paths["results"].read_text())
+        return
+    _print_results(results, paths)
+
+
+@app.command("predict")
+@_user_errors
+def predict_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint written by train.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Protocol or dataset name.")],
+    root: DatasetRoot,
+    out: Annotated[Path, typer.Option("--out", help="Submission CSV to write.")],
+    option: OptionList = None,
+    tta: Annotated[str | None, typer.Option("--tta", help="Test-time augmentation: flip.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 128,
+) -> None:
+    """Write a submission CSV (image_id + one probability column per class) from a checkpoint."""
+    from fer_bench.eval import get_protocol, load_protocol_data
+    from fer_bench.eval.evaluator import protocol_probabilities
+    from fer_bench.eval.submission import write_submission
+    from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from fer_bench.options import parse_key_values
+    from fer_bench.train.fit import resolve_device
+
+    protocol = get_protocol(dataset)
+    info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
+    state = load_checkpoint(checkpoint)
+    device = resolve_device("auto")
+    model = model_from_checkpoint(state).to(device)
+    with _progress() as progress:
+        task = progress.add_task(f"predict {protocol.name}", total=None, info="")
+        ids, probs = protocol_probabilities(
+            model,
+            info,
+            protocol,
+            img_size=int(state["model_config"]["img_size"]),
+            label_names=tuple(state["label_names"]),
+            batch_size=batch_size,
+            device=device,
+            tta=tta,
+            progress=lambda k: progress.update(task, advance=k),
+        )
+    write_submission(out, ids=ids, label_names=tuple(info.label_space.names), probs=probs)
+    stdout.print(f"submission for {protocol.name}: {len(ids)} rows written to {out}")
+
+
+leaderboard_app = typer.Typer(
+    help="Leaderboards: submission templates, verified submissions, tables.", no_args_is_help=True
+)
+app.add_typer(leaderboard_app, name="leaderboard")
+
+
+@leaderboard_app.command("template")
+@_user_errors
+def leaderboard_template(
+    dataset: Annotated[str, typer.Option("--dataset", help="Protocol name.")],
+    root: DatasetRoot,
+    out: Annotated[Path, typer.Option("--out", help="CSV to write (ids and the expected header).")],
+    option: OptionList = None,
+) -> None:
+    """Write the id column and the expected header of a submission for a protocol."""
+    from fer_bench.eval import get_protocol, load_protocol_data, protocol_rows
+    from fer_bench.eval.submission import write_submission
+    from fer_bench.options import parse_key_values
+
+    protocol = get_protocol(dataset)
+    info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
+    ids = protocol_rows(protocol, info)["image_id"].astype(str).tolist()
+    write_submission(out, ids=ids, label_names=tuple(info.label_space.names))
+    stdout.print(
+        f"template for {protocol.name}: {len(ids)} ids, columns image_id + p_<class> (or use a single "
+        f"'prediction' column of class names) -> {out}"
+    )
+
+
+@leaderboard_app.command("submit")
+@_user_errors
+def leaderboard_submit(
+    submission: Annotated[Path, typer.Argument(help="Submission CSV.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Protocol name.")],
+    root: DatasetRoot,
+    meta: Annotated[Path, typer.Option("--meta", help="Sidecar YAML: model, backbone, params_m, pretrain, ...")],
+    option: OptionList = None,
+    leaderboards: Annotated[Path | None, typer.Option("--leaderboards", help="Folder (default leaderboards/).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples.")] = 1000,
+) -> None:
+    """Score a submission and add it to leaderboards/<protocol>.csv (atomic; the same file twice is refused)."""
+    from fer_bench.eval import get_protocol, load_protocol_data, write_report
+    from fer_bench.eval.evaluator import score_submission
+    from fer_bench.eval.leaderboard import add_entry, entry_from_results, leaderboard_path
+    from fer_bench.eval.submission import read_meta
+    from fer_bench.options import parse_key_values
+
+    metadata = read_meta(meta)
+    protocol = get_protocol(dataset)
+    info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
+    results = score_submission(submission, info, protocol, n_bootstrap=bootstrap)
+    write_report(results, submission.parent / f"eval-{protocol.name}")
+    entry = entry_from_results(results, metadata, results["submission_sha256"])
+    path = leaderboard_path(protocol.name, leaderboards)
+    rows = add_entry(path, entry)
+    rank = next(r["rank"] for r in rows if r["submission_sha256"] == entry["submission_sha256"])
+    stdout.print(
+        f"{metadata['model']}: accuracy {results['metrics']['acc'] * 100:.2f} %, rank {rank} of {len(rows)} on {path}",
+        highlight=False,
+    )
+
+
+@leaderboard_app.command("show")
+@_user_errors
+def leaderboard_show(
+    name: Annotated[str, typer.Argument(help="Protocol name (leaderboards/<name>.csv).")],
+    sort: Annotated[str, typer.Option("--sort", help="Column to sort by.")] = "acc",
+    leaderboards: Annotated[Path | None, typer.Option("--leaderboards", help="Folder (default leaderboards/).")] = None,
+) -> None:
+    """Print a leaderboard."""
+    from fer_bench.errors import DataError
+    from fer_bench.eval.leaderboard import leaderboard_path, ranked, read_leaderboard
+
+    path = leaderboard_path(name, leaderboards)
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.csv"))
+        raise DataError(f"{path}: no such leaderboard; available: {available}")
+    rows = ranked(read_leaderboard(path), sort)
+    table = Table(title=f"{name} (sorted by {sort})")
+    shown = (
+        "rank",
+        "model",
+        "backbone",
+        "acc",
+        "acc_ci_low",
+        "acc_ci_high",
+        "mean_class_acc",
+        "macro_f1",
+        "worst_group_acc",
+        "max_group_gap",
+        "source",
+    )
+    for column in shown:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(row[c] for c in shown))
+    stdout.print(table)
+
+
+@app.command("compare")
+@_user_errors
+def compare_cmd(
+    experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (default: all).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Only runs tagged with this dataset.")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="Metric to rank by (acc, macro_f1, ece, ...).")] = "acc",
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow store.")] = "sqlite:///mlflow.db",
+    plot: Annotated[Path, typer.Option("--plot", help="Comparison plot to write.")] = Path("comparison.png"),
+) -> None:
+    """Rank MLflow runs by a test metric, with CIs and fairness columns, and write a comparison plot."""
+    from fer_bench.eval.compare import compare_runs, comparison_plot
+
+    table = compare_runs(tracking_uri=tracking_uri, experiment=experiment, dataset=dataset, metric=metric)
+    if table.empty:
+        stdout.print(f"no finished runs with test/{metric} in {tracking_uri}")
+        return
+    view = Table(title=f"runs ranked by test/{metric}")
+    for column in (
+        "run_name",
+        "experiment",
+        "dataset",
+        metric,
+        "95 % CI",
+        "mean_class_acc",
+        "macro_f1",
+        "max_group_gap",
+        "eq_opp_gap",
+    ):
+        view.add_column(column)
+    fmt = lambda v: "" if v != v else f"{v:.4f}"  # noqa: E731
+    for r in table.to_dict(orient="records"):
+        view.add_row(
+            str(r["run_name"]),
+            str(r["experiment"]),
+            str(r["dataset"]),
+            fmt(r[metric]),
+            f"[{fmt(r[f'{metric}_ci_low'])}, {fmt(r[f'{metric}_ci_high'])}]",
+            fmt(r["mean_class_acc"]),
+            fmt(r["macro_f1"]),
+            fmt(r["max_group_gap"]),
+            fmt(r["eq_opp_gap"]),
+        )
+    stdout.print(view)
+    stdout.print(
+        f"plot: {comparison_plot(table, metric=metric, path=plot)}; the same runs in MLflow's own UI: "
+        f"mlflow ui --backend-store-uri {tracking_uri}",
+        highlight=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,8 +647,14 @@ def data_verify(
 
 @data_app.command("list")
 def data_list() -> None:
-    """The dataset names and the options each adapter takes."""
+    """The evaluation protocols, the dataset names and the options each adapter takes."""
     from fer_bench.data import dataset_options, list_datasets
+    from fer_bench.eval import get_protocol, list_protocols
+
+    for name in list_protocols():
+        protocol = get_protocol(name)
+        stdout.print(f"[bold]{name}[/] (protocol v{protocol.version}): {protocol.description}", highlight=False)
+    stdout.print("")
 
     for name in list_datasets():
         options = ", ".join(f"{k}={v}" for k, v in dataset_options(name).items()) or "-"

@@ -196,32 +196,32 @@ def test_affectnet_npy_and_folder_releases(tmp_path):
 
 # Hand-computed from formats.FERPLUS_ROWS (see the comments there) under the rules of the official ferplus.py.
 FERPLUS_TRAIN = {
-    "majority": ["fer0000000.png", "fer0000001.png", "fer0000007.png"],
+    "majority": ["fer0000000", "fer0000001", "fer0000007"],
     "crossentropy": [
-        "fer0000000.png",
-        "fer0000001.png",
-        "fer0000002.png",
-        "fer0000006.png",
-        "fer0000007.png",
-        "fer0000013.png",
+        "fer0000000",
+        "fer0000001",
+        "fer0000002",
+        "fer0000006",
+        "fer0000007",
+        "fer0000013",
     ],
     "probability": [
-        "fer0000000.png",
-        "fer0000001.png",
-        "fer0000002.png",
-        "fer0000006.png",
-        "fer0000007.png",
-        "fer0000013.png",
+        "fer0000000",
+        "fer0000001",
+        "fer0000002",
+        "fer0000006",
+        "fer0000007",
+        "fer0000013",
     ],
-    "multi_target": ["fer0000000.png", "fer0000001.png", "fer0000002.png", "fer0000006.png", "fer0000007.png"],
+    "multi_target": ["fer0000000", "fer0000001", "fer0000002", "fer0000006", "fer0000007"],
     "argmax": [
-        "fer0000000.png",
-        "fer0000001.png",
-        "fer0000002.png",
-        "fer0000004.png",
-        "fer0000006.png",
-        "fer0000007.png",
-        "fer0000013.png",
+        "fer0000000",
+        "fer0000001",
+        "fer0000002",
+        "fer0000004",
+        "fer0000006",
+        "fer0000007",
+        "fer0000013",
     ],
 }
 
@@ -233,16 +233,16 @@ def test_ferplus_csv_sizes_under_every_mode(tmp_path, mode):
     assert info.layout.startswith("csv") and "votes from fer2013new" in info.protocol
     assert sorted(info.split("train")["image_id"]) == FERPLUS_TRAIN[mode]
     # val and test always use majority
-    assert info.split("val")["image_id"].tolist() == ["fer0000008.png"]
-    assert info.split("test")["image_id"].tolist() == ["fer0000010.png"]
+    assert info.split("val")["image_id"].tolist() == ["fer0000008"]
+    assert info.split("test")["image_id"].tolist() == ["fer0000010"]
     assert _expressions(info, "val") == ["fear"] and _expressions(info, "test") == ["anger"]
     assert info.dropped["blank image name (excluded by FER+)"] == 2
     assert info.dropped["duplicate image name (a later row reuses it)"] == 1
     assert info.dropped["no majority (test)"] == 1
     # the later of the two fer0000007.png rows wins: contempt
-    assert info.manifest.set_index("image_id").loc["fer0000007.png", "expression"] == "contempt"
+    assert info.manifest.set_index("image_id").loc["fer0000007", "expression"] == "contempt"
     # images come from the pixel strings, paired by row order (fer0000010.png is data row 10)
-    assert info.manifest.set_index("image_id").loc["fer0000010.png", "array_index"] == 10
+    assert info.manifest.set_index("image_id").loc["fer0000010", "array_index"] == 10
     assert info.extra("images").shape == (14, 48, 48)
     assert set(describe_dataset(info)) == DESCRIBE_KEYS
 
@@ -262,7 +262,7 @@ def test_ferplus_targets_match_hand_computation():
 def test_ferplus_soft_targets_and_votes_kept(tmp_path):
     info = get_dataset("ferplus", formats.write_ferplus_csv(tmp_path / "fp"), mode="crossentropy")
     assert info.target_kind == "soft"
-    row = info.manifest.set_index("image_id").loc["fer0000001.png"]
+    row = info.manifest.set_index("image_id").loc["fer0000001"]
     assert row["votes"] == [6, 0, 0, 4, 0, 0, 0, 0, 0, 0]
     assert row["soft_target"] == pytest.approx([0.6, 0, 0.4, 0, 0, 0, 0, 0])  # canonical order: sadness is 2
     assert row["vote_distribution"] == pytest.approx([0.6, 0, 0.4, 0, 0, 0, 0, 0])
@@ -281,11 +281,11 @@ def test_ferplus_generated_folders_and_votes_source(tmp_path):
     info = get_dataset("ferplus", root)  # label.csv by default, as the official trainer
     assert info.layout.startswith("generated folders") and "votes from label_csv" in info.protocol
     by_id = info.manifest.set_index("image_id")
-    assert by_id.loc["fer0000001.png", "expression"] == "sadness"  # label.csv disagrees with fer2013new.csv
-    assert by_id.loc["fer0000001.png", "path"] == "FER2013Train/fer0000001.png"
+    assert by_id.loc["fer0000001", "expression"] == "sadness"  # label.csv disagrees with fer2013new.csv
+    assert by_id.loc["fer0000001", "path"] == "FER2013Train/fer0000001.png"
     assert sorted(info.split("train")["image_id"]) == FERPLUS_TRAIN["majority"]
     other = get_dataset("ferplus", root, votes_source="fer2013new")
-    assert other.manifest.set_index("image_id").loc["fer0000001.png", "expression"] == "neutral"
+    assert other.manifest.set_index("image_id").loc["fer0000001", "expression"] == "neutral"
     assert verify_images(info)["problems"] == []
     # the csv layout can take its votes from label.csv files too (matched by name)
     csv_root = formats.write_ferplus_csv(tmp_path / "csv")
@@ -293,7 +293,7 @@ def test_ferplus_generated_folders_and_votes_source(tmp_path):
         (csv_root / "data" / folder).mkdir(parents=True)
         (csv_root / "data" / folder / "label.csv").write_text((root / folder / "label.csv").read_text())
     mixed = get_dataset("ferplus", csv_root, votes_source="label_csv")
-    assert mixed.manifest.set_index("image_id").loc["fer0000001.png", "expression"] == "sadness"
+    assert mixed.manifest.set_index("image_id").loc["fer0000001", "expression"] == "sadness"
 
 
 def test_ferplus_bad_input(tmp_path):

@@ -94,7 +94,8 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads(result.output[result.output.index("{") :])
     assert results["n"] == 48 and 0 <= results["metrics"]["acc"] <= 1
-    assert set(results["groups"]) == {"skin_tone", "hair", "age", "glasses"}
+    assert {"skin_tone", "hair", "age", "glasses", "skin_tone+age"} <= set(results["groups"])
+    assert results["ci"]["acc"][0] <= results["metrics"]["acc"] <= results["ci"]["acc"][1]
     assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "report.md").read_text().startswith("# Evaluation: synthfer / test")
 

@@ -62,3 +62,15 @@ def test_unknown_or_unsupported_backbone():
         create_model("vit_tinyy", num_classes=5, img_size=32)
     with pytest.raises(ConfigError, match="only timm ViT and Swin"):
         create_model("resnet18", num_classes=5, img_size=32)
+
+
+def test_layer_decay_sees_the_backbone_layers():
+    """FerModel forwards timm's group_matcher/no_weight_decay, so layer decay gets one lr scale per block."""
+    from fer_bench.train.fit import build_optimizer
+
+    model = create_model("vit_tiny_patch16_224", num_classes=7, img_size=32, patch_size=8, depth=3)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups})
+    assert scales == [0.0625, 0.125, 0.25, 0.5, 1.0]  # stem, 3 blocks, head
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.backbone.pos_embed) in no_decay and id(model.backbone.cls_token) in no_decay

@@ -32,7 +32,7 @@ def test_fit_trains_on_ferplus_soft_targets(tmp_path, mode):
     recipe["tracking"]["enabled"] = False
     result = fit(recipe_from_dict(recipe))
     assert np.isfinite(result.summary[0]["train_loss"]) and result.summary[0]["train_loss"] > 0
-    assert "train mode " + mode in result.test_results["protocol"]
+    assert "train mode " + mode in result.test_results["dataset_protocol"]
 
 
 def test_class_balanced_sampler_draws_classes_evenly():

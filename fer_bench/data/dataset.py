@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fer_bench.data.manifest import landmarks_array
+from fer_bench.data.perturb import perturb_image
 from fer_bench.errors import DataError
 
 # iBUG-300W 68-point left/right correspondence, for horizontal flips.
@@ -91,6 +92,8 @@ class FaceDataset(Dataset):
         crop_to_bbox: Crop to the ``bbox`` column (x0, y0, x1, y1; clamped to the image) before the transform.
         target_kind: ``label`` (no ``target``), ``soft``, ``multi_target`` (``target`` = ``soft_target``) or
             ``sample`` (a class drawn from ``soft_target`` per (seed, epoch, index)).
+        perturb: A test-time perturbation (:mod:`fer_bench.data.perturb`) applied before the transform.
+        perturb_seed: Its seed (the draw also depends on each row's image_id).
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class FaceDataset(Dataset):
         image_array: np.ndarray | None = None,
         crop_to_bbox: bool = False,
         target_kind: str = "label",
+        perturb: str | None = None,
+        perturb_seed: int = 0,
     ) -> None:
         self.rows = rows.reset_index(drop=True)
         self.root = Path(root)
@@ -122,6 +127,7 @@ class FaceDataset(Dataset):
         self.image_array = image_array
         self.crop_to_bbox = crop_to_bbox and "bbox" in self.rows.columns
         self.target_kind = target_kind
+        self.perturb, self.perturb_seed = perturb, perturb_seed
         if target_kind != "label" and "soft_target" not in self.rows.columns:
             raise DataError(f"target_kind={target_kind!r} needs a soft_target column; this dataset has none")
         self.soft_targets = (
@@ -143,6 +149,8 @@ class FaceDataset(Dataset):
         cache_images: bool = False,
         return_landmarks: bool = False,
         rows: pd.DataFrame | None = None,
+        perturb: str | None = None,
+        perturb_seed: int = 0,
     ) -> FaceDataset:
         """The dataset of one split of a :class:`~fer_bench.data.DatasetInfo`, with the adapter's image source,
         face crop and (for training) its target kind. ``rows`` replaces the split's rows (a filtered subset)."""
@@ -157,6 +165,8 @@ class FaceDataset(Dataset):
             image_array=info.extra("images"),
             crop_to_bbox=info.crop_to_bbox,
             target_kind=info.target_kind if train else "label",
+            perturb=perturb,
+            perturb_seed=perturb_seed,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -182,6 +192,8 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.load_image(index)
+        if self.perturb:
+            image = perturb_image(image, self.perturb, seed=self.perturb_seed, key=str(self.rows.at[index, "image_id"]))
         sample_seed = zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode())
         rng = np.random.default_rng(sample_seed)
         self.transform.set_random_seed(sample_seed)

@@ -1,5 +1,18 @@
-"""Evaluation: pure metrics, the evaluator and its reports."""
+"""Evaluation: pure metrics, bootstrap, fairness, protocols, the evaluator and its reports, submissions."""
 
-from fer_bench.eval.evaluator import compute_results, evaluate, predict, write_report
+from fer_bench.eval.evaluator import compute_results, evaluate, flat_metrics, predict, score, write_report
+from fer_bench.eval.protocols import Protocol, get_protocol, list_protocols, load_protocol_data, protocol_rows
 
-__all__ = ["compute_results", "evaluate", "predict", "write_report"]
+__all__ = [
+    "Protocol",
+    "compute_results",
+    "evaluate",
+    "flat_metrics",
+    "get_protocol",
+    "list_protocols",
+    "load_protocol_data",
+    "predict",
+    "protocol_rows",
+    "score",
+    "write_report",
+]

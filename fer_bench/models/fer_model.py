@@ -24,6 +24,24 @@ class FerModel(nn.Module):
         self.num_classes = num_classes
         self.heads = nn.ModuleDict(heads or {})
 
+    # timm's optimizer factory reads these two hooks: without them layer-wise lr decay silently puts every parameter
+    # in one group and position embeddings get weight decay, because the backbone sits under the "backbone." prefix.
+    def no_weight_decay(self) -> set[str]:
+        names = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
+        return {f"backbone.{name}" for name in names}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The backbone's layer groups (for layer-wise lr decay) with its patterns moved under ``backbone.``."""
+
+        def moved(pattern):
+            if isinstance(pattern, str):
+                return pattern.replace("^", r"^backbone\.", 1) if pattern.startswith("^") else r"backbone\." + pattern
+            if isinstance(pattern, list | tuple) and pattern and isinstance(pattern[0], tuple):
+                return [(moved(p), rest) for p, rest in pattern]
+            return pattern
+
+        return {key: moved(value) for key, value in self.backbone.group_matcher(coarse=coarse).items()}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)  # ViT [B, P+N, C]; Swin [B, H, W, C]
 

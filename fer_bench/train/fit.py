@@ -33,7 +33,7 @@ from fer_bench.data import (
     with_validation_split,
 )
 from fer_bench.errors import ConfigError
-from fer_bench.eval import evaluate, write_report
+from fer_bench.eval import evaluate, flat_metrics, write_report
 from fer_bench.models import FerModel, create_model
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from fer_bench.train.losses import classification_loss
@@ -519,7 +519,7 @@ def fit(
             )
             test_results["checkpoint"] = str(best_path)
             paths = write_report(test_results, out / "eval")
-            tracker.log_metrics({f"{data_cfg.test_split}/{k}": v for k, v in test_results["metrics"].items()})
+            tracker.log_metrics(flat_metrics(test_results, prefix=data_cfg.test_split))
             for path in paths.values():
                 tracker.log_artifact(path, "eval")
         tracker.log_artifact(out / "summary.csv")

@@ -87,9 +87,25 @@ def folder_rows(
             for image in sorted(p for p in class_dir.rglob("*") if is_image(p)):
                 rel = image.relative_to(root).as_posix()
                 rows.append(
-                    {"image_id": rel, "path": rel, "split": split, "expression": name, "native_label": class_dir.name}
+                    {
+                        "image_id": submission_id_for_path(rel),
+                        "path": rel,
+                        "split": split,
+                        "expression": name,
+                        "native_label": class_dir.name,
+                    }
                 )
     return rows
+
+
+def submission_id_for_path(rel: str) -> str:
+    """The image id of a file in a folder or CSV dataset: its path relative to the root, without the extension.
+
+    Example:
+        >>> submission_id_for_path("test/happy/img01.jpg")
+        'test/happy/img01'
+    """
+    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
 
 
 def name_label(text: str) -> str | None:

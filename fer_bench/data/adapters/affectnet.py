@@ -145,7 +145,8 @@ def read_npy_split(root: Path, folder: Path, *, split: str, dropped: Counter) ->
         if code not in AFFECTNET_CODES:
             raise DataError(f"{exp}: expression {code} is not an AffectNet code 0..10")
         row: dict[str, Any] = {
-            "image_id": f"{folder.name}/{index}",
+            # The validation (test) images keep their bare number, so a submission can name them as distributed.
+            "image_id": index if split == "test" else f"{folder.name}/{index}",
             "path": (folder / "images" / f"{index}.jpg").relative_to(root).as_posix(),
             "split": split,
             "expression": AFFECTNET_CODES[code],

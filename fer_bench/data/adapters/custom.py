@@ -20,6 +20,7 @@ from fer_bench.data.adapters._common import (
     make_info,
     name_label,
     no_layout_error,
+    submission_id_for_path,
 )
 from fer_bench.data.labels import EXPRESSION_SYNONYMS, get_label_space
 from fer_bench.data.manifest import DatasetInfo
@@ -110,7 +111,13 @@ def load_csv(
             row_split = SPLIT_FOLDERS.get(row_split, row_split) or split
             if row_split not in ("train", "val", "test"):
                 raise line_error(table, number, f"split {row_split!r} is not train, val or test")
-            row = {"image_id": rel, "path": rel, "split": row_split, "expression": expression, "native_label": native}
+            row = {
+                "image_id": submission_id_for_path(rel),
+                "path": rel,
+                "split": row_split,
+                "expression": expression,
+                "native_label": native,
+            }
             row |= {c: (record.get(c) or "").strip() or "unknown" for c in groups}
             for column in subsets:
                 value = (record.get(column) or "").strip().lower()

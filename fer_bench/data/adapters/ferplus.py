@@ -208,7 +208,7 @@ def _row(image_id: str, split: str, votes: list[int], mode: str, dropped: Counte
     distribution = _canonical(first8 / first8.sum()) if first8.sum() > 0 else np.zeros(8)
     label = int(np.argmax(target))
     return {
-        "image_id": image_id,
+        "image_id": image_id.removesuffix(".png"),  # the FER+ name without extension: fer0000000
         "split": split,
         "expression": _SPACE.names[label],
         "native_label": ",".join(str(v) for v in votes),

@@ -31,6 +31,7 @@ from fer_bench.data.adapters._common import (
     make_info,
     name_label,
     no_layout_error,
+    submission_id_for_path,
 )
 from fer_bench.data.labels import get_label_space
 from fer_bench.data.manifest import DatasetInfo
@@ -117,7 +118,7 @@ def load_infer(root: Path, *, fold: int = 0, protocol: str | None = None) -> Dat
             rel = (image_root / record["file"]).relative_to(root).as_posix()
             rows.append(
                 {
-                    "image_id": rel,
+                    "image_id": submission_id_for_path(rel),
                     "path": rel,
                     "split": "train",
                     "expression": expression,

@@ -1,0 +1,113 @@
+"""Compare runs from an MLflow store: a ranked table with CIs and fairness columns, and a plot."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fer_bench._io import atomic_path
+from fer_bench.errors import ConfigError
+
+
+def compare_runs(
+    *,
+    tracking_uri: str,
+    experiment: str | None = None,
+    dataset: str | None = None,
+    metric: str = "acc",
+    split: str = "test",
+) -> pd.DataFrame:
+    """Finished runs with ``<split>/<metric>``, best first, via ``mlflow.search_runs``.
+
+    Columns: run_id, run_name, experiment, dataset, backbone, the metric with its CI, mean class accuracy, macro-F1,
+    ECE, and the largest fairness gaps across group columns (max group gap, equal-opportunity gap).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.tracking.MlflowClient()
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = [e.name for e in client.search_experiments()]
+            raise ConfigError(f"--experiment {experiment!r}: not in {tracking_uri}; experiments there: {names}")
+        experiments = [found]
+    else:
+        experiments = client.search_experiments()
+    if not experiments:
+        return pd.DataFrame()
+    filters = ["attributes.status = 'FINISHED'"]
+    if dataset:
+        filters.append(f"tags.dataset = '{dataset}'")
+    runs = mlflow.search_runs(
+        experiment_ids=[e.experiment_id for e in experiments],
+        filter_string=" and ".join(filters),
+        output_format="pandas",
+    )
+    column = f"metrics.{split}/{metric}"
+    if runs.empty or column not in runs.columns:
+        return pd.DataFrame()
+    runs = runs[runs[column].notna()]
+    names = {e.experiment_id: e.name for e in experiments}
+
+    def col(name: str) -> pd.Series:
+        return runs[name] if name in runs.columns else pd.Series([math.nan] * len(runs), index=runs.index)
+
+    def worst(suffix: str) -> pd.Series:
+        cols = [c for c in runs.columns if c.startswith(f"metrics.{split}/fair/") and c.endswith(suffix)]
+        return runs[cols].max(axis=1) if cols else pd.Series([math.nan] * len(runs), index=runs.index)
+
+    table = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "run_name": col("tags.mlflow.runName"),
+            "experiment": runs["experiment_id"].map(names),
+            "dataset": col("tags.dataset"),
+            "backbone": col("tags.backbone"),
+            metric: runs[column],
+            f"{metric}_ci_low": col(f"metrics.{split}/{metric}_ci_low"),
+            f"{metric}_ci_high": col(f"metrics.{split}/{metric}_ci_high"),
+            "mean_class_acc": col(f"metrics.{split}/mean_class_acc"),
+            "macro_f1": col(f"metrics.{split}/macro_f1"),
+            "ece": col(f"metrics.{split}/ece"),
+            "max_group_gap": worst("/max_gap"),
+            "eq_opp_gap": worst("/eq_opp_gap"),
+        }
+    )
+    ascending = metric in ("ece", "nll", "brier")
+    return table.sort_values(metric, ascending=ascending).reset_index(drop=True)
+
+
+def comparison_plot(table: pd.DataFrame, *, metric: str, path: str | os.PathLike) -> Path:
+    """Horizontal bars of ``metric`` per run with their 95 % CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{r.run_name or r.run_id[:8]} ({r.experiment})" for r in table.itertuples()]
+    values = table[metric].to_numpy(dtype=float)
+    low = table[f"{metric}_ci_low"].to_numpy(dtype=float)
+    high = table[f"{metric}_ci_high"].to_numpy(dtype=float)
+    err = np.nan_to_num(np.vstack([values - low, high - values]))
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * len(table)))
+    ax.barh(range(len(table)), values, xerr=err, capsize=3, color="tab:blue")
+    ax.set_yticks(range(len(table)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (95 % bootstrap CI)")
+    ax.set_title("fer_bench runs")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table_rows(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
+    return table.to_dict(orient="records")

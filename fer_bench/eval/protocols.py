@@ -1,0 +1,100 @@
+"""Benchmark protocols: one fixed, versioned definition per benchmark, selected by ``--dataset NAME``.
+
+A protocol says which dataset (and adapter options), which split, which rows count, which group columns and subsets
+are reported and what test-time policy applies. A dataset's plain name selects its standard protocol; any other
+registered dataset name gets an ad-hoc protocol (its test split, all rows). Changing a definition bumps its version,
+so a result always says exactly what it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fer_bench.data import DatasetInfo, get_dataset, list_datasets
+from fer_bench.errors import ConfigError, DataError
+from fer_bench.registry import Registry
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named, versioned evaluation protocol.
+
+    Attributes:
+        name: What ``--dataset`` takes (``rafdb``, ``rafdb-occlusion``, ``affectnet7``, ...).
+        version: Bumped whenever anything below changes.
+        dataset: The dataset adapter it reads.
+        options: Adapter options it fixes (``{"classes": 7}``); the user may add others (paths, votes source).
+        split: The split scored.
+        subset: A boolean column restricting the rows (``occlusion`` for RAF-DB's occlusion subset), or None.
+        group_columns: Group columns reported (None: every group column the dataset declares).
+        description: One line for reports.
+    """
+
+    name: str
+    version: int
+    dataset: str
+    options: dict[str, Any] = field(default_factory=dict)
+    split: str = "test"
+    subset: str | None = None
+    group_columns: tuple[str, ...] | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "group_columns": list(self.group_columns) if self.group_columns else None}
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+for _p in (
+    Protocol("synthfer", 1, "synthfer", description="SynthFER test split, 8 classes, every group attribute"),
+    Protocol("rafdb", 1, "rafdb", description="RAF-DB basic test (3,068), 7 classes; gender, race, age"),
+    Protocol("rafdb-occlusion", 1, "rafdb", subset="occlusion", description="RAF-DB test, RAN occlusion list (735)"),
+    Protocol("rafdb-pose30", 1, "rafdb", subset="pose30", description="RAF-DB test, RAN pose >= 30 deg (1,247)"),
+    Protocol("rafdb-pose45", 1, "rafdb", subset="pose45", description="RAF-DB test, RAN pose >= 45 deg (558)"),
+    Protocol("affectnet7", 1, "affectnet", {"classes": 7}, description="AffectNet validation set, 7 classes (3,500)"),
+    Protocol("affectnet8", 1, "affectnet", {"classes": 8}, description="AffectNet validation set, 8 classes (4,000)"),
+    Protocol("ferplus", 1, "ferplus", {"mode": "majority"}, description="FERPlus test, majority votes, 8 classes"),
+    Protocol("fer2013", 1, "fer2013", description="FER2013 PrivateTest (3,589), 7 classes"),
+    Protocol("infer-cv10", 1, "infer", {"protocol": "cv10"}, description="InFER 10-fold CV, one test fold"),
+):
+    PROTOCOLS.register(_p.name, _p)
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol called ``name``, or an ad-hoc one for a registered dataset name (``folder``, ``csv``, ...)."""
+    if name in PROTOCOLS:
+        return PROTOCOLS.get(name)
+    if name in list_datasets():
+        return Protocol(name, 0, name, description=f"{name}: test split, all rows (ad-hoc, not a benchmark)")
+    choices = sorted(set(PROTOCOLS.names()) | set(list_datasets()))
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"--dataset {name!r}: not a protocol or dataset.{hint} Available: {', '.join(choices)}")
+
+
+def list_protocols() -> list[str]:
+    return PROTOCOLS.names()
+
+
+def load_protocol_data(protocol: Protocol, root, options: dict[str, Any] | None = None) -> DatasetInfo:
+    """Read the protocol's dataset; user options may add to the protocol's but not contradict them."""
+    options = dict(options or {})
+    for key, value in protocol.options.items():
+        if key in options and options[key] != value:
+            raise ConfigError(f"--option {key}={options[key]!r}: protocol {protocol.name!r} fixes {key}={value!r}")
+    return get_dataset(protocol.dataset, root, **{**options, **protocol.options})
+
+
+def protocol_rows(protocol: Protocol, info: DatasetInfo):
+    """The rows the protocol scores, in manifest order."""
+    rows = info.split(protocol.split)
+    if protocol.subset:
+        if protocol.subset not in rows.columns or not rows[protocol.subset].any():
+            raise DataError(
+                f"protocol {protocol.name!r} scores the {protocol.subset!r} subset, but dataset {info.name!r} at "
+                f"{info.root} marks no such rows (see the dataset card for the list files it needs)"
+            )
+        rows = rows[rows[protocol.subset].astype(bool)].reset_index(drop=True)
+    return rows

@@ -1,0 +1,188 @@
+"""Submission files: a CSV of ``image_id`` plus ``prediction`` or one ``p_<class>`` column per class.
+
+The file is untrusted input: it is read as text with a size limit, every problem is collected by kind (missing,
+duplicate and unknown ids, bad class names, bad probabilities) and reported in one message, and ids are only
+compared with the protocol's ids, never used as paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fer_bench._io import atomic_write_text
+from fer_bench.errors import DataError
+
+MAX_SUBMISSION_BYTES = 64 * 2**20
+SUM_TOLERANCE = 1e-3
+SHOWN = 20
+META_FIELDS = {
+    "model": str,
+    "backbone": str,
+    "params_m": (int, float),
+    "pretrain": str,
+    "extra_data": str,
+    "paper": str,
+    "code": str,
+}
+
+
+class SubmissionError(DataError):
+    """A submission or its metadata is malformed (the message lists every problem kind)."""
+
+
+def probability_columns(label_names: tuple[str, ...] | list[str]) -> list[str]:
+    return [f"p_{name}" for name in label_names]
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in items[:SHOWN])
+    return f"{len(items)} ({'first 20: ' if len(items) > SHOWN else ''}{shown})"
+
+
+def read_submission(
+    path: str | os.PathLike,
+    *,
+    expected_ids: list[str],
+    label_names: tuple[str, ...],
+    max_bytes: int = MAX_SUBMISSION_BYTES,
+) -> dict[str, Any]:
+    """Validate ``path`` against the protocol's ids and classes.
+
+    Returns ``{"kind": "prediction" | "probabilities", "y_pred": [N] class indices, "probs": [N, K] | None}`` in the
+    order of ``expected_ids``.
+
+    Raises:
+        SubmissionError: one message naming the file and every problem kind found (counts, first 20 examples).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: submission file not found")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise SubmissionError(f"{path}: {size:,} bytes is over the {max_bytes:,}-byte limit for a submission")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SubmissionError(f"{path}: not UTF-8 text") from None
+    if "\x00" in text:
+        raise SubmissionError(f"{path}: contains NUL bytes; expected a CSV text file")
+    try:
+        records = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
+    records = [r for r in records if any(field.strip() for field in r)]
+    if not records:
+        raise SubmissionError(f"{path}: empty file; expected a header 'image_id,prediction' or 'image_id,p_<class>...'")
+    header = [h.strip() for h in records[0]]
+    p_columns = probability_columns(label_names)
+    if not header or header[0] != "image_id":
+        raise SubmissionError(f"{path}: the first column must be 'image_id', found {header[:3]}")
+    if header[1:] == ["prediction"]:
+        kind = "prediction"
+    elif sorted(header[1:]) == sorted(p_columns):
+        kind = "probabilities"
+    else:
+        raise SubmissionError(
+            f"{path}: header must be 'image_id,prediction' or 'image_id,' + {','.join(p_columns)}; found {header}"
+        )
+    expected_index = {image_id: i for i, image_id in enumerate(expected_ids)}
+    problems: dict[str, list[str]] = {}
+
+    def problem(kind_: str, item: str) -> None:
+        problems.setdefault(kind_, []).append(item)
+
+    seen: dict[str, int] = {}
+    y_pred = np.full(len(expected_ids), -1, dtype=np.int64)
+    probs = np.zeros((len(expected_ids), len(label_names))) if kind == "probabilities" else None
+    order = [header.index(c) for c in p_columns] if kind == "probabilities" else []
+    for line, record in enumerate(records[1:], start=2):
+        if len(record) != len(header):
+            problem("rows with the wrong number of fields", f"line {line}")
+            continue
+        image_id = record[0].strip()
+        if image_id in seen:
+            problem("duplicate ids", image_id)
+            continue
+        seen[image_id] = line
+        if image_id not in expected_index:
+            problem("unknown ids (not in this protocol)", image_id)
+            continue
+        row = expected_index[image_id]
+        if kind == "prediction":
+            name = record[1].strip()
+            if name not in label_names:
+                problem(f"class names not in {list(label_names)}", f"line {line}: {name!r}")
+                continue
+            y_pred[row] = label_names.index(name)
+        else:
+            try:
+                values = np.array([float(record[i]) for i in order])
+            except ValueError:
+                problem("non-numeric probabilities", f"line {line}")
+                continue
+            if not np.isfinite(values).all() or (values < 0).any():
+                problem("negative, NaN or infinite probabilities", f"line {line}")
+                continue
+            if not math.isclose(values.sum(), 1.0, abs_tol=SUM_TOLERANCE):
+                problem(f"probabilities not summing to 1 ± {SUM_TOLERANCE}", f"line {line}: {values.sum():.4f}")
+                continue
+            probs[row] = values
+            y_pred[row] = int(values.argmax())
+    missing = [i for i in expected_ids if i not in seen]
+    if missing:
+        problems["missing ids"] = missing
+    if problems:
+        details = "; ".join(f"{k}: {_listed(v)}" for k, v in problems.items())
+        raise SubmissionError(f"{path}: {details}")
+    return {"kind": kind, "y_pred": y_pred, "probs": probs}
+
+
+def write_submission(
+    path: str | os.PathLike, *, ids: list[str], label_names: tuple[str, ...], probs: np.ndarray | None = None
+) -> Path:
+    """Write ``image_id`` + ``p_<class>`` columns (or only the header and ids, a template) atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_id", *probability_columns(label_names)])
+    for i, image_id in enumerate(ids):
+        values = [f"{v:.6f}" for v in probs[i]] if probs is not None else [""] * len(label_names)
+        writer.writerow([image_id, *values])
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+def read_meta(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The sidecar YAML (``yaml.safe_load``): ``model`` is required; known fields are type-checked."""
+    if path is None:
+        raise SubmissionError("--meta: a sidecar YAML with at least 'model: NAME' is required")
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: metadata file not found")
+    try:
+        meta = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SubmissionError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(meta, dict):
+        raise SubmissionError(f"{path}: expected a mapping of fields, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - set(META_FIELDS))
+    if unknown:
+        raise SubmissionError(f"{path}: unknown fields {unknown}; expected {sorted(META_FIELDS)}")
+    for key, kind in META_FIELDS.items():
+        if key in meta and meta[key] is not None and not isinstance(meta[key], kind):
+            raise SubmissionError(f"{path}: field {key!r} must be {getattr(kind, '__name__', 'a number')}")
+    if not meta.get("model"):
+        raise SubmissionError(f"{path}: field 'model' is required")
+    return meta
