@@ -440,23 +440,36 @@ def leaderboard_show(
         raise DataError(f"{path}: no such leaderboard; available: {available}")
     rows = ranked(read_leaderboard(path), sort)
     table = Table(title=f"{name} (sorted by {sort})")
-    shown = (
+    percent = ("acc", "mean_class_acc", "macro_f1", "worst_group_acc", "max_group_gap")
+    for column in (
         "rank",
         "model",
         "backbone",
-        "acc",
-        "acc_ci_low",
-        "acc_ci_high",
-        "mean_class_acc",
-        "macro_f1",
-        "worst_group_acc",
-        "max_group_gap",
+        "acc % (95 % CI)",
+        "mean class acc %",
+        "macro-F1 %",
+        "worst-group acc %",
+        "max gap",
         "source",
-    )
-    for column in shown:
-        table.add_column(column)
+    ):
+        table.add_column(column, overflow="fold")
+
+    def pct(value: str) -> str:
+        try:
+            return f"{float(value) * 100:.2f}"
+        except ValueError:
+            return ""
+
     for row in rows:
-        table.add_row(*(row[c] for c in shown))
+        ci = f" ({pct(row['acc_ci_low'])}-{pct(row['acc_ci_high'])})" if row["acc_ci_low"] else ""
+        table.add_row(
+            row["rank"],
+            row["model"],
+            row["backbone"],
+            pct(row["acc"]) + ci,
+            *(pct(row[c]) for c in percent[1:]),
+            row["source"],
+        )
     stdout.print(table)
 
 

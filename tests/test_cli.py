@@ -98,6 +98,43 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
     assert results["ci"]["acc"][0] <= results["metrics"]["acc"] <= results["ci"]["acc"][1]
     assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "report.md").read_text().startswith("# Evaluation: synthfer / test")
+    assert results["protocol"]["name"] == "synthfer" and results["calibration"] and "ece" in results["metrics"]
+    assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
+    # robustness: a seeded perturbation, with flip TTA; the drop is reported against the clean score
+    args = [
+        "eval",
+        "--dataset",
+        "synthfer",
+        "--root",
+        str(tiny_synthfer),
+        "--checkpoint",
+        str(checkpoint),
+        "--perturb",
+        "occlusion",
+        "--tta",
+        "flip",
+        "--bootstrap",
+        "100",
+        "--out",
+        str(tmp_path / "ev_occ"),
+    ]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    occluded = json.loads((tmp_path / "ev_occ" / "results.json").read_text())
+    rob = occluded["robustness"]
+    assert rob["perturbation"] == "occlusion" and occluded["config"]["tta"] == "flip"
+    assert rob["drop"]["acc"] == rob["clean"]["acc"] - occluded["metrics"]["acc"]
+    assert runner.invoke(app, [*args[:-1], str(tmp_path / "ev_occ2")]).exit_code == 0
+    assert json.loads((tmp_path / "ev_occ2" / "results.json").read_text())["metrics"] == occluded["metrics"]
+    assert "robustness (occlusion)" in result.output
+    # compare: the training run and the eval runs from the same MLflow store, ranked, with a plot
+    result = runner.invoke(
+        app,
+        ["compare", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--plot", str(tmp_path / "cmp.png")],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "runs ranked by test/acc" in result.output and (tmp_path / "cmp.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(

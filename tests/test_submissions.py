@@ -1,0 +1,231 @@
+"""Submissions are untrusted: malformed files get one clear error per problem kind, never a traceback, never a
+wrong acceptance; leaderboards are written atomically and refuse the same submission twice; predict → submit →
+show round-trips through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fer_bench.cli import app
+from fer_bench.eval.leaderboard import COLUMNS, add_entry, read_leaderboard
+from fer_bench.eval.submission import SubmissionError, read_submission
+from tests.conftest import tiny_recipe_dict
+
+NAMES = ("neutral", "happiness", "sadness")
+IDS = [f"img_{i:03d}" for i in range(12)]
+runner = CliRunner()
+
+
+def _valid_rows(seed: int = 0) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(3), size=len(IDS))
+    return [[i, *[f"{v:.6f}" for v in p]] for i, p in zip(IDS, probs, strict=True)]
+
+
+def _write(path, header, rows) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+    path.write_text(buffer.getvalue())
+
+
+HEADER = ["image_id", "p_neutral", "p_happiness", "p_sadness"]
+MUTATIONS = st.sampled_from(
+    [
+        "drop_row",
+        "duplicate_row",
+        "unknown_id",
+        "negative",
+        "nan",
+        "text",
+        "sum",
+        "short_row",
+        "bad_header",
+        "extra_column",
+        "shuffle",
+        "path_id",
+        "prediction_bad_class",
+        "prediction_ok",
+    ]
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fmt=st.sampled_from(["probabilities", "prediction"]),
+    mutations=st.lists(MUTATIONS, min_size=0, max_size=3),
+    row=st.integers(0, len(IDS) - 1),
+)
+def test_malformed_submissions_never_pass_or_crash(tmp_path, fmt, mutations, row):
+    header, rows = list(HEADER), _valid_rows()
+    if fmt == "prediction":  # the other accepted format: one class name per row
+        header, rows = ["image_id", "prediction"], [[x[0], NAMES[row % 3]] for x in rows]
+    valid = True
+    for mutation in mutations:
+        r = row % len(rows) if rows else 0
+        if mutation == "drop_row" and rows:
+            rows.pop(r)
+            valid = False
+        elif mutation == "duplicate_row" and rows:
+            rows.append(list(rows[r]))
+            valid = False
+        elif mutation == "unknown_id":
+            rows.append(["not_an_id", *rows[0][1:]] if rows else ["not_an_id", "1", "0", "0"])
+            valid = False
+        elif mutation in ("negative", "nan", "text", "sum") and rows and len(rows[r]) > 1:
+            rows[r][1] = {"negative": "-0.5", "nan": "nan", "text": "high", "sum": "1.5"}[mutation]
+            valid = False
+        elif mutation == "short_row" and rows:
+            rows[r] = rows[r][:1]
+            valid = False
+        elif mutation == "bad_header":
+            header = ["id", *header[1:]]
+            valid = False
+        elif mutation == "extra_column":
+            header = [*header, "p_contempt"]
+            rows = [[*x, "0"] for x in rows]
+            valid = False
+        elif mutation == "shuffle":
+            rows = rows[::-1]  # order does not matter
+        elif mutation == "path_id" and rows:
+            rows[r][0] = "../../etc/passwd"
+            valid = False
+    path = tmp_path / "sub.csv"
+    _write(path, header, rows)
+    try:
+        result = read_submission(path, expected_ids=IDS, label_names=NAMES)
+    except SubmissionError as exc:
+        message = str(exc)
+        assert message.startswith(str(path)) and "\n" not in message
+        assert not valid, f"a valid file was refused: {message}"
+        return
+    assert valid, f"accepted a malformed file after {mutations}"
+    assert (result["y_pred"] >= 0).all() and len(result["y_pred"]) == len(IDS)
+
+
+def test_each_problem_kind_is_named(tmp_path):
+    rows = _valid_rows()
+    rows[1][0] = rows[0][0]  # duplicate (and img_001 missing)
+    rows[2][2] = "-1"
+    rows.append(["stranger", "1", "0", "0"])
+    path = tmp_path / "sub.csv"
+    _write(path, HEADER, rows)
+    with pytest.raises(SubmissionError) as exc:
+        read_submission(path, expected_ids=IDS, label_names=NAMES)
+    message = str(exc.value)
+    for kind in (
+        "duplicate ids: 1 ('img_000')",
+        "negative, NaN or infinite probabilities: 1 ('line 4')",
+        "unknown ids (not in this protocol): 1 ('stranger')",
+        "missing ids: 1 ('img_001')",
+    ):
+        assert kind in message
+    path.write_bytes(b"\x00\x01binary")
+    with pytest.raises(SubmissionError, match="NUL bytes"):
+        read_submission(path, expected_ids=IDS, label_names=NAMES)
+    with pytest.raises(SubmissionError, match="over the 5-byte limit"):
+        read_submission(path, expected_ids=IDS, label_names=NAMES, max_bytes=5)
+
+
+def _entry(sha: str, acc: str) -> dict[str, str]:
+    return {c: "" for c in COLUMNS} | {"model": f"m{sha}", "acc": acc, "submission_sha256": sha, "source": "verified"}
+
+
+def test_leaderboard_is_atomic_and_refuses_duplicates(tmp_path, monkeypatch):
+    board = tmp_path / "rafdb.csv"
+    add_entry(board, _entry("aaa", "0.8"))
+    add_entry(board, _entry("bbb", "0.9"))
+    assert [r["model"] for r in read_leaderboard(board)] == ["mbbb", "maaa"]
+    assert [r["rank"] for r in read_leaderboard(board)] == ["1", "2"]
+    with pytest.raises(Exception, match="already on the board"):
+        add_entry(board, _entry("aaa", "0.99"))
+    before = board.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)  # the crash happens between writing the temp file and the rename
+    with pytest.raises(OSError):
+        add_entry(board, _entry("ccc", "0.95"))
+    monkeypatch.undo()
+    assert board.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert "| 1 | mbbb |" in (tmp_path / "rafdb.md").read_text()
+
+
+def test_predict_submit_show_round_trip(tiny_synthfer, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    sub = tmp_path / "sub.csv"
+    common = ["--dataset", "synthfer", "--root", str(tiny_synthfer)]
+    result = runner.invoke(
+        app, ["predict", "--checkpoint", str(tmp_path / "run" / "best.pt"), *common, "--out", str(sub)]
+    )
+    assert result.exit_code == 0, result.output
+    assert sub.read_text().splitlines()[0] == "image_id," + ",".join(
+        f"p_{n}" for n in ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt")
+    )
+    meta = tmp_path / "meta.yaml"
+    meta.write_text("model: tiny-vit\nbackbone: vit_tiny_patch16_224\nparams_m: 0.1\npretrain: none\n")
+    boards = tmp_path / "boards"
+    args = [
+        "leaderboard",
+        "submit",
+        str(sub),
+        *common,
+        "--meta",
+        str(meta),
+        "--leaderboards",
+        str(boards),
+        "--bootstrap",
+        "200",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_leaderboard(boards / "synthfer.csv")
+    assert rows[0]["model"] == "tiny-vit" and rows[0]["source"] == "verified" and len(rows[0]["dataset_hash"]) == 64
+    assert float(rows[0]["acc_ci_low"]) <= float(rows[0]["acc"]) <= float(rows[0]["acc_ci_high"])
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already on the board" in again.output
+    shown = runner.invoke(
+        app, ["leaderboard", "show", "synthfer", "--leaderboards", str(boards)], env={"COLUMNS": "200"}
+    )
+    assert shown.exit_code == 0 and "tiny-vit" in shown.output
+    # the same file scored by eval --predictions gives the same numbers
+    result = runner.invoke(
+        app, ["eval", *common, "--predictions", str(sub), "--json", "--no-tracking", "--bootstrap", "200"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["acc"] == pytest.approx(float(rows[0]["acc"]), abs=1e-6)
+    template = tmp_path / "template.csv"
+    assert runner.invoke(app, ["leaderboard", "template", *common, "--out", str(template)]).exit_code == 0
+    assert len(template.read_text().splitlines()) == 49  # header + the 48 test ids
+    bad = tmp_path / "bad.csv"
+    bad.write_text(sub.read_text().replace("test_", "tset_", 1))
+    result = runner.invoke(
+        app, ["leaderboard", "submit", str(bad), *common, "--meta", str(meta), "--leaderboards", str(boards)]
+    )
+    assert result.exit_code == 2 and "unknown ids" in result.output and "missing ids" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_shipped_leaderboards_are_valid():
+    from fer_bench.eval import list_protocols
+    from fer_bench.eval.leaderboard import LEADERBOARDS_DIR
+
+    for name in list_protocols():
+        rows = read_leaderboard(LEADERBOARDS_DIR / f"{name}.csv")  # raises on a foreign header
+        for row in rows:
+            assert row["source"] in ("reported", "verified") and 0 < float(row["acc"]) < 1
+            assert row["source"] != "reported" or row["reference"]
+    assert len(read_leaderboard(LEADERBOARDS_DIR / "rafdb.csv")) >= 5
