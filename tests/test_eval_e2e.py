@@ -85,3 +85,19 @@ def test_injected_bias_is_reported_and_balanced_predictions_show_none(tiny_synth
     logged = sorted(runs["metrics.test/acc"].dropna().tolist())
     assert np.allclose(logged, sorted([results["metrics"]["acc"], control["metrics"]["acc"]]))
     assert any(c.startswith(f"metrics.test/group/hair:{target}/acc") for c in runs.columns)
+
+
+def test_training_split_bias_injection_is_measured(tiny_synthfer, tmp_path):
+    """SynthFER's --bias ties skin tone to the label in the training split; the evaluator's dataset-bias figures
+    show it (Cramér's V near 1) where the balanced split has none to speak of."""
+    from fer_bench.data import SynthFERConfig, generate_synthfer
+    from fer_bench.eval.evaluator import train_split_bias
+
+    biased_root = tmp_path / "biased"
+    generate_synthfer(
+        out=biased_root, config=SynthFERConfig(seed=3, size=32, n_train=96, n_val=8, n_test=8, bias=1.0), workers=1
+    )
+    biased = train_split_bias(get_dataset("synthfer", biased_root), ("skin_tone", "hair"))
+    balanced = train_split_bias(get_dataset("synthfer", tiny_synthfer), ("skin_tone", "hair"))
+    assert biased["skin_tone"]["cramers_v"] > 0.9
+    assert balanced["skin_tone"]["cramers_v"] < 0.45 and biased["hair"]["cramers_v"] < 0.45

@@ -327,6 +327,30 @@ def _git_sha() -> str:
         return "unknown"
 
 
+def train_split_bias(info: DatasetInfo, group_columns: tuple[str, ...]) -> dict[str, Any]:
+    """Dataset bias (proportions, effective groups, evenness, Cramér's V) of the training split, per group column:
+    stereotypical bias there is what a model learns as a shortcut (Dominguez-Catena et al.)."""
+    train = info.manifest[info.manifest["split"] == "train"]
+    out: dict[str, Any] = {}
+    if train.empty:
+        return out
+    for column in group_columns:
+        if column not in train.columns:
+            continue
+        names, codes = np.unique(train[column].fillna("unknown").astype(str).to_numpy(), return_inverse=True)
+        bias = F.dataset_bias(
+            codes, train["label"].to_numpy(), num_groups=len(names), num_classes=info.label_space.num_classes
+        )
+        out[column] = {
+            "n": bias["n"],
+            "proportions": {str(v): float(x) for v, x in zip(names, bias["proportions"], strict=True)},
+            "effective_groups": bias["effective_groups"],
+            "evenness": bias["evenness"],
+            "cramers_v": bias["cramers_v"],
+        }
+    return out
+
+
 def score(
     *,
     info: DatasetInfo,
@@ -361,6 +385,7 @@ def score(
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "protocol": protocol.to_dict() if protocol else None,
+        "dataset_bias_train": train_split_bias(info, tuple(group_columns)),
         "dataset": info.name,
         "layout": info.layout,
         "dataset_protocol": info.protocol,
@@ -747,6 +772,21 @@ def _report_md(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {column} | {_fmt(b['effective_groups'], 2)} | {_fmt(b['evenness'], 3)} | "
                 f"{_fmt(b['cramers_v'], 3)} | {worst} |"
+            )
+    if results.get("dataset_bias_train"):
+        lines += [
+            "",
+            "## Dataset bias of the training split",
+            "",
+            "Stereotypical bias here (a high Cramér's V) is what a model can learn as a shortcut.",
+            "",
+            "| column | n | effective groups | evenness | Cramér's V (group × label) |",
+            "|---|---|---|---|---|",
+        ]
+        for column, b in results["dataset_bias_train"].items():
+            lines.append(
+                f"| {column} | {b['n']} | {_fmt(b['effective_groups'], 2)} | {_fmt(b['evenness'], 3)} | "
+                f"{_fmt(b['cramers_v'], 3)} |"
             )
     if results["subsets"]:
         lines += ["", "## Accuracy per subset", "", "| subset | in subset | n | accuracy |", "|---|---|---|---|"]
