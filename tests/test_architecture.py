@@ -6,7 +6,14 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fer_bench"
-BASE = {"fer_bench", "fer_bench.errors", "fer_bench.registry", "fer_bench._io", "fer_bench.options"}
+BASE = {
+    "fer_bench",
+    "fer_bench.errors",
+    "fer_bench.registry",
+    "fer_bench._io",
+    "fer_bench.options",
+    "fer_bench.provenance",
+}
 
 # layer -> fer_bench sub-packages it must never import
 FORBIDDEN = {

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from fer_bench.eval import fairness as F
 from fer_bench.eval import metrics as M
 from fer_bench.eval.protocols import Protocol, protocol_rows
 from fer_bench.models import FerModel
+from fer_bench.provenance import git_sha
 
 RESULTS_SCHEMA_VERSION = 2
 HEADLINE = {"acc": M.accuracy_from_cm, "mean_class_acc": M.mean_class_accuracy_from_cm, "macro_f1": M.macro_f1_from_cm}
@@ -319,14 +319,6 @@ def _space_name(names: list[str], dataset_space) -> str:
     return "shared"
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def train_split_bias(info: DatasetInfo, group_columns: tuple[str, ...]) -> dict[str, Any]:
     """Dataset bias (proportions, effective groups, evenness, Cramér's V) of the training split, per group column:
     stereotypical bias there is what a model learns as a shortcut (Dominguez-Catena et al.)."""
@@ -397,7 +389,7 @@ def score(
         "config": config or {},
         "seed": seed,
         "fer_bench_version": __version__,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 

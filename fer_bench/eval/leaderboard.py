@@ -38,18 +38,7 @@ COLUMNS: tuple[str, ...] = (
     "source",
     "reference",
 )
-NUMERIC = (
-    "params_m",
-    "acc",
-    "acc_ci_low",
-    "acc_ci_high",
-    "mean_class_acc",
-    "macro_f1",
-    "ece",
-    "worst_group_acc",
-    "max_group_gap",
-    "eq_opp_gap",
-)
+NUMERIC: tuple[str, ...] = ("params_m", *COLUMNS[COLUMNS.index("acc") : COLUMNS.index("dataset_hash")])
 LEADERBOARDS_DIR = Path(__file__).resolve().parents[2] / "leaderboards"
 
 

@@ -8,7 +8,6 @@ import logging
 import math
 import platform
 import random
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, flat_metrics, write_report
 from fer_bench.models import FerModel, create_model
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from fer_bench.provenance import git_sha
 from fer_bench.train.losses import classification_loss
 from fer_bench.train.recipe import Recipe, recipe_from_dict
 from fer_bench.train.tracking import Tracker, resume_tracker
@@ -133,14 +133,6 @@ def build_optimizer(model: FerModel, *, lr: float, weight_decay: float, layer_de
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def environment_facts(device: torch.device) -> dict[str, str]:
