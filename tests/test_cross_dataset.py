@@ -57,3 +57,32 @@ def test_compound_taxonomy_cannot_be_crossed(tmp_path):
     info = get_dataset("rafdb-compound", formats.write_rafdb_compound(tmp_path / "c"))
     with pytest.raises(ConfigError, match="its own taxonomy"):
         evaluate(_model(7), info, split="test", img_size=32, label_names=BASIC7)
+
+
+def test_eval_hooks_land_in_the_report(tiny_synthfer, tmp_path):
+    """A head metric sees every batch with the model's outputs and lands in the results, the report and the flat
+    MLflow names."""
+    from fer_bench.eval import EvalHook, flat_metrics, write_report
+
+    info = get_dataset("synthfer", tiny_synthfer)
+
+    class OccludedConfidence(EvalHook):
+        name = "occlusion"
+
+        def __init__(self):
+            self.seen, self.confident = 0, 0.0
+
+        def update(self, batch, outputs):
+            self.seen += len(batch["index"])
+            self.confident += outputs["logits"].softmax(1).max(1).values.sum().item()
+
+        def result(self):
+            return {"images": self.seen, "mean_confidence": self.confident / self.seen}
+
+    hook = OccludedConfidence()
+    results = evaluate(_model(8), info, split="test", img_size=32, label_names=ALL8, hooks=[hook], n_bootstrap=0)
+    assert results["heads"]["occlusion"]["images"] == 48
+    assert 0 < results["heads"]["occlusion"]["mean_confidence"] <= 1
+    assert "test/heads/occlusion/mean_confidence" in flat_metrics(results)
+    paths = write_report(results, tmp_path / "ev")
+    assert "## Head metrics: occlusion" in paths["report"].read_text()

@@ -64,8 +64,9 @@ def predict(
 ) -> np.ndarray:
     """Class probabilities [N, K] (float64) of ``model`` on every item of ``dataset``, in order.
 
-    ``tta="flip"`` averages the softmax of the image and its horizontal mirror. Each hook is called as
-    ``hook(batch, outputs)`` for every batch (head metrics: attention maps against masks, occlusion detection).
+    ``tta="flip"`` averages the softmax of the image and its horizontal mirror. Each hook (see :class:`EvalHook`)
+    sees every batch and the model's outputs, for head metrics (attention maps against AU masks, occlusion
+    detection); ``batch["index"]`` is the row in ``dataset.rows``, so a hook can fetch per-sample maps and masks.
     """
     if tta not in (None, "none", "flip"):
         raise ConfigError(f"--tta: expected 'flip' or none, got {tta!r}")
@@ -80,10 +81,26 @@ def predict(
             p = (p + torch.softmax(model(images.flip(3))["logits"].float(), dim=1)) / 2
         probs.append(p.cpu().numpy().astype(np.float64))
         for hook in hooks or ():
-            hook(batch, outputs)
+            hook.update(batch, outputs)
         if progress:
             progress(len(batch["label"]))
     return np.concatenate(probs) if probs else np.zeros((0, model.num_classes))
+
+
+class EvalHook:
+    """A per-batch metric that lands in the evaluation report under ``heads/<name>``.
+
+    Subclasses accumulate in :meth:`update` (called with the batch dict and the model's output dict, e.g. an
+    ``attention`` map [B, H, W] next to ``logits``) and return a flat dict of numbers from :meth:`result`.
+    """
+
+    name = "hook"
+
+    def update(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, float]:
+        raise NotImplementedError
 
 
 def renormalize(probs: np.ndarray) -> np.ndarray:
@@ -467,6 +484,7 @@ def evaluate(
         min_group_size=min_group_size,
     )
     clean = score(probs=run(None), **common)
+    clean["heads"] = {hook.name: hook.result() for hook in hooks or ()}
     if not perturb:
         return clean
     perturbed = score(probs=run(perturb), **common)
@@ -505,6 +523,9 @@ def flat_metrics(results: dict[str, Any], prefix: str | None = None) -> dict[str
     for column, gaps in results.get("fairness", {}).items():
         for key in FAIRNESS_KEYS:
             out[f"{prefix}/fair/{column}/{key}"] = gaps[key]["value"]
+    for name, values in (results.get("heads") or {}).items():
+        for key, value in values.items():
+            out[f"{prefix}/heads/{name}/{key}"] = value
     for key, value in (results.get("robustness") or {}).get("drop", {}).items():
         out[f"{prefix}/robustness/{key}_drop"] = value
     return {_METRIC_NAME.sub("_", k): float(v) for k, v in out.items() if _finite(v)}
@@ -689,6 +710,9 @@ def _report_md(results: dict[str, Any]) -> str:
     for key, label in labels.items():
         if key in m:
             lines.append(f"| {label} | {_fmt(m[key])} | {_ci_text(ci.get(key))} |")
+    for name, values in (results.get("heads") or {}).items():
+        lines += ["", f"## Head metrics: {name}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {_fmt(value)} |" for key, value in values.items()]
     if results.get("robustness"):
         rob = results["robustness"]
         lines += [
