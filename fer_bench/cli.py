@@ -478,12 +478,36 @@ def leaderboard_show(
 def compare_cmd(
     experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (default: all).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Only runs tagged with this dataset.")] = None,
+    a: Annotated[Path | None, typer.Option("--a", help="Submission A (with --b and --root: paired test).")] = None,
+    b: Annotated[Path | None, typer.Option("--b", help="Submission B.")] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="Dataset folder (for --a/--b).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=10, help="Resamples for the paired test.")] = 1000,
     metric: Annotated[str, typer.Option("--metric", help="Metric to rank by (acc, macro_f1, ece, ...).")] = "acc",
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow store.")] = "sqlite:///mlflow.db",
     plot: Annotated[Path, typer.Option("--plot", help="Comparison plot to write.")] = Path("comparison.png"),
 ) -> None:
-    """Rank MLflow runs by a test metric, with CIs and fairness columns, and write a comparison plot."""
+    """Rank MLflow runs by a test metric, with CIs and fairness columns, and write a comparison plot.
+
+    With --a A.csv --b B.csv --dataset NAME --root DIR: a paired bootstrap test of two submissions instead.
+    """
     from fer_bench.eval.compare import compare_runs, comparison_plot
+
+    if a is not None or b is not None:
+        from fer_bench.errors import ConfigError
+        from fer_bench.eval import get_protocol, load_protocol_data
+        from fer_bench.eval.evaluator import compare_submissions
+
+        if a is None or b is None or root is None or dataset is None:
+            raise ConfigError("a paired test needs --a, --b, --dataset and --root")
+        protocol = get_protocol(dataset)
+        tests = compare_submissions(a, b, load_protocol_data(protocol, root), protocol, n_bootstrap=bootstrap)
+        view = Table(title=f"{a.name} vs {b.name} on {protocol.name} (paired bootstrap, {bootstrap} resamples)")
+        for column in ("metric", "A - B", "95 % CI", "p (A beats B)"):
+            view.add_column(column)
+        for key, r in tests.items():
+            view.add_row(key, f"{r['delta']:+.4f}", f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", f"{r['p_value']:.4f}")
+        stdout.print(view)
+        return
 
     table = compare_runs(tracking_uri=tracking_uri, experiment=experiment, dataset=dataset, metric=metric)
     if table.empty:

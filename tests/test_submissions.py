@@ -207,6 +207,14 @@ def test_predict_submit_show_round_trip(tiny_synthfer, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["metrics"]["acc"] == pytest.approx(float(rows[0]["acc"]), abs=1e-6)
+    worse = tmp_path / "worse.csv"
+    lines = sub.read_text().splitlines()
+    worse.write_text("\n".join([lines[0], *[line.rsplit(",", 8)[0] + ",1,0,0,0,0,0,0,0" for line in lines[1:]]]) + "\n")
+    paired = runner.invoke(
+        app, ["compare", "--a", str(sub), "--b", str(worse), *common, "--bootstrap", "200"], env={"COLUMNS": "200"}
+    )
+    assert paired.exit_code == 0, paired.output
+    assert "p (A beats B)" in paired.output and "acc" in paired.output
     template = tmp_path / "template.csv"
     assert runner.invoke(app, ["leaderboard", "template", *common, "--out", str(template)]).exit_code == 0
     assert len(template.read_text().splitlines()) == 49  # header + the 48 test ids

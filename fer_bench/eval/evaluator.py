@@ -901,3 +901,30 @@ def protocol_probabilities(
     for name in shared:
         full[:, dataset_names.index(name)] = probs[:, list(label_names).index(name)]
     return rows["image_id"].astype(str).tolist(), renormalize(full)
+
+
+def compare_submissions(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    info: DatasetInfo,
+    protocol: Protocol,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Paired bootstrap test of two submissions on the same protocol rows: for accuracy, mean class accuracy and
+    macro-F1, the difference A − B, its CI and the p-value of "A beats B"."""
+    from fer_bench.eval.submission import read_submission
+
+    rows = protocol_rows(protocol, info)
+    names = tuple(info.label_space.names)
+    ids = rows["image_id"].astype(str).tolist()
+    a = read_submission(path_a, expected_ids=ids, label_names=names)["y_pred"]
+    b = read_submission(path_b, expected_ids=ids, label_names=names)["y_pred"]
+    y_true = rows["label"].to_numpy(np.int64)
+    return {
+        key: B.paired_bootstrap_test(
+            y_true, a, b, num_classes=len(names), statistic=fn, n_resamples=n_bootstrap, seed=seed
+        )
+        for key, fn in HEADLINE.items()
+    }
