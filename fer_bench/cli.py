@@ -601,13 +601,16 @@ def data_synth(
 
 
 def _load_dataset(dataset: str, root: Path, option: list[str] | None):
-    """Read a dataset with its --option values; returns (info, every option with defaults filled in)."""
-    from fer_bench.data import dataset_options, get_dataset
+    """Read a dataset (or a protocol's dataset, with the options the protocol fixes) with its --option values;
+    returns (info, every adapter option with defaults filled in)."""
+    from fer_bench.data import dataset_options
+    from fer_bench.eval import get_protocol, load_protocol_data
     from fer_bench.options import parse_key_values
 
     options = parse_key_values(option or [], flag="--option")
-    info = get_dataset(dataset, root, **options)
-    return info, {**dataset_options(dataset), **options}
+    protocol = get_protocol(dataset)
+    info = load_protocol_data(protocol, root, options)
+    return info, {**dataset_options(protocol.dataset), **options, **protocol.options}
 
 
 @data_app.command("describe")
@@ -631,7 +634,7 @@ def data_describe(
 
     info, options = _load_dataset(dataset, root, option)
     summary = describe_dataset(info)
-    warnings = count_warnings(info, summary, options=options, card=load_card(dataset))
+    warnings = count_warnings(info, summary, options=options, card=load_card(info.name))
     for line in warnings:
         console.print(f"[yellow]warning:[/] {dataset} at {root}: {line}", highlight=False, soft_wrap=True)
     if as_json:

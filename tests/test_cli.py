@@ -140,7 +140,10 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["data", "describe", "--dataset", "rafdbb", "--root", "."], ["unknown dataset 'rafdbb'"]),
+        (
+            ["data", "describe", "--dataset", "rafdbb", "--root", "."],
+            ["--dataset 'rafdbb': not a protocol or dataset", "Did you mean 'rafdb'"],
+        ),
         (["data", "describe", "--dataset", "synthfer", "--root", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
         (["train", "/no/such/recipe.yaml"], ["recipe file not found"]),
         (["eval", "--dataset", "synthfer", "--root", ".", "--checkpoint", "/no/such.pt"], ["file not found"]),

@@ -53,7 +53,7 @@ for _p in (
     Protocol("rafdb-pose45", 1, "rafdb", subset="pose45", description="RAF-DB test, RAN pose >= 45 deg (558)"),
     Protocol("affectnet7", 1, "affectnet", {"classes": 7}, description="AffectNet validation set, 7 classes (3,500)"),
     Protocol("affectnet8", 1, "affectnet", {"classes": 8}, description="AffectNet validation set, 8 classes (4,000)"),
-    Protocol("ferplus", 1, "ferplus", {"mode": "majority"}, description="FERPlus test, majority votes, 8 classes"),
+    Protocol("ferplus", 1, "ferplus", description="FERPlus test, majority votes (always), 8 classes"),
     Protocol("fer2013", 1, "fer2013", description="FER2013 PrivateTest (3,589), 7 classes"),
     Protocol("infer-cv10", 1, "infer", {"protocol": "cv10"}, description="InFER 10-fold CV, one test fold"),
 ):
