@@ -217,6 +217,19 @@ def _print_results(results: dict, paths: dict) -> None:
     if results.get("robustness"):
         rob = results["robustness"]
         stdout.print(f"robustness ({rob['perturbation']}): accuracy drop {rob['drop']['acc']:.4f}", highlight=False)
+    heads = results.get("heads") or {}
+    if heads.get("au_attention"):
+        au = heads["au_attention"]
+        stdout.print(
+            f"AU attention: ATT-COS {au['att_cos']:.4f}, CAM-COS {au['cam_cos']:.4f} ({au['n_maps']} AU maps)",
+            highlight=False,
+        )
+    if heads.get("occlusion_detection"):
+        det = heads["occlusion_detection"]
+        stdout.print(
+            "occluded patches: " + ", ".join(f"{k} {det[k]:.4f}" for k in ("precision", "recall", "f1", "iou")),
+            highlight=False,
+        )
     stdout.print(f"report: {paths['report']}")
 
 

@@ -143,7 +143,7 @@ def test_affectnet_csv_release(tmp_path, classes):
     assert row["valence"] == 0.25 and row["arousal"] == -0.5
     # the transform input is the face crop (48 px), with landmarks shifted into it
     dataset = FaceDataset.from_info(
-        info, "train", transform=create_transform(train=False, img_size=32, with_keypoints=True), return_landmarks=True
+        info, "train", transform=create_transform(train=False, img_size=32), return_landmarks=True
     )
     assert dataset.load_image(0).shape == (48, 48, 3)
     item = dataset[0]

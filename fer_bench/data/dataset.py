@@ -12,9 +12,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from fer_bench.data.au_maps import MAP_SOURCES, draw_au_map, expression_aus, landmarks68, template_landmarks
 from fer_bench.data.manifest import landmarks_array
+from fer_bench.data.occluders import OCCLUDER_KINDS, check_occluder_kinds, draw_occluder
 from fer_bench.data.perturb import perturb_image
-from fer_bench.errors import DataError
+from fer_bench.errors import ConfigError, DataError
+
+#: ``heatmaps`` modes of :class:`FaceDataset`.
+HEATMAP_MODES: tuple[str, ...] = ("codebook", "generic", "template", "truth")
 
 # iBUG-300W 68-point left/right correspondence, for horizontal flips.
 _IBUG68_FLIP = np.array(
@@ -73,7 +78,10 @@ class FaceDataset(Dataset):
 
     Each item is a dict with ``image`` (float [3, S, S]), ``label`` (int64), ``index`` (row in ``rows``) and, when
     asked for, ``landmarks`` ([N, 2] in output pixels), ``occlusion`` (uint8 [S, S]) and ``target`` (float [K]: the
-    ``soft_target`` distribution, or for ``target_kind="sample"`` a one-hot class drawn from it).
+    ``soft_target`` distribution, or for ``target_kind="sample"`` a one-hot class drawn from it); with ``heatmaps``
+    also ``heatmap`` (float [S, S] in [0, 1], zeros when invalid), ``heatmap_valid`` (bool) and ``heatmap_source``
+    (index into :data:`fer_bench.data.au_maps.MAP_SOURCES`); with ``occlusion_augment`` also ``clean_image``
+    (float [3, S, S]) and ``has_clean`` (bool: ``clean_image`` really is the face without the occluder).
 
     Augmentation randomness is a pure function of (``seed``, epoch, index), set by :meth:`set_epoch`, so a resumed
     run and any number of loader workers see exactly the same samples.
@@ -94,6 +102,16 @@ class FaceDataset(Dataset):
             ``sample`` (a class drawn from ``soft_target`` per (seed, epoch, index)).
         perturb: A test-time perturbation (:mod:`fer_bench.data.perturb`) applied before the transform.
         perturb_seed: Its seed (the draw also depends on each row's image_id).
+        heatmaps: AU maps for the ``au_heatmap`` head and ATT-COS, drawn *after* augmentation from the landmarks that
+            went through it: ``codebook`` (the label's codebook AUs on 68 landmarks, fitted from 5, or the per-class
+            template when a row has none), ``generic`` (all codebook AUs, same sources), ``template`` (always the
+            per-class template), ``truth`` (SynthFER: the rendered regions of the AUs that are active in the image).
+        label_names: The label space's class names (needed by ``heatmaps``).
+        occlusion_augment: Probability of drawing a synthetic occluder (:mod:`fer_bench.data.occluders`) on a row
+            not known to be occluded; the clean image is kept as ``clean_image``.
+        occluder_kinds: Which synthetic occluders to draw.
+        au_regions: SynthFER's [N_all, n_AU, G, G] region masks (``truth`` maps), indexed by ``mask_index``.
+        au_columns: The AU numbers of the ``au_intensity`` column, in order.
     """
 
     def __init__(
@@ -112,7 +130,25 @@ class FaceDataset(Dataset):
         target_kind: str = "label",
         perturb: str | None = None,
         perturb_seed: int = 0,
+        heatmaps: str | None = None,
+        label_names: tuple[str, ...] = (),
+        occlusion_augment: float = 0.0,
+        occluder_kinds: tuple[str, ...] = OCCLUDER_KINDS,
+        au_regions: np.ndarray | None = None,
+        au_columns: tuple[int, ...] = (),
     ) -> None:
+        if heatmaps is not None and heatmaps not in HEATMAP_MODES:
+            raise ConfigError(f"heatmaps: expected one of {list(HEATMAP_MODES)}, got {heatmaps!r}")
+        if heatmaps is not None and not label_names:
+            raise ConfigError("heatmaps: the dataset needs label_names to choose each sample's AUs")
+        if heatmaps == "truth" and au_regions is None:
+            raise ConfigError("heatmaps='truth' needs a dataset with rendered AU regions (SynthFER)")
+        self.heatmaps, self.label_names = heatmaps, tuple(label_names)
+        self.occlusion_augment = occlusion_augment
+        self.occluder_kinds = check_occluder_kinds(occluder_kinds)
+        self.au_regions, self.au_columns = au_regions, tuple(au_columns)
+        if heatmaps in ("codebook", "generic") and "landmarks" in rows.columns:
+            return_landmarks = True
         self.rows = rows.reset_index(drop=True)
         self.root = Path(root)
         self.transform = transform
@@ -151,9 +187,20 @@ class FaceDataset(Dataset):
         rows: pd.DataFrame | None = None,
         perturb: str | None = None,
         perturb_seed: int = 0,
+        heatmaps: str | None = None,
+        occlusion_augment: float = 0.0,
+        occluder_kinds: tuple[str, ...] = OCCLUDER_KINDS,
+        occlusion_masks: bool = False,
     ) -> FaceDataset:
         """The dataset of one split of a :class:`~fer_bench.data.DatasetInfo`, with the adapter's image source,
-        face crop and (for training) its target kind. ``rows`` replaces the split's rows (a filtered subset)."""
+        face crop and (for training) its target kind. ``rows`` replaces the split's rows (a filtered subset).
+        ``occlusion_masks`` adds the dataset's true occlusion masks where it has them (SynthFER)."""
+        masks = info.extra("masks") if (occlusion_masks or heatmaps == "truth") else None
+        au_columns = ()
+        if masks is not None:
+            from fer_bench.data.synthfer import ACTION_UNITS
+
+            au_columns = ACTION_UNITS
         return cls(
             info.split(split) if rows is None else rows,
             root=info.root,
@@ -167,6 +214,13 @@ class FaceDataset(Dataset):
             target_kind=info.target_kind if train else "label",
             perturb=perturb,
             perturb_seed=perturb_seed,
+            heatmaps=heatmaps,
+            label_names=tuple(info.label_space.names),
+            occlusion_augment=occlusion_augment if train else 0.0,
+            occluder_kinds=occluder_kinds,
+            occlusion_masks=masks["occlusion"] if masks is not None and occlusion_masks else None,
+            au_regions=masks["au_regions"] if masks is not None and heatmaps == "truth" else None,
+            au_columns=au_columns,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -199,29 +253,66 @@ class FaceDataset(Dataset):
         self.transform.set_random_seed(sample_seed)
 
         targets: dict[str, np.ndarray] = {}
-        landmarks = landmarks_array(self.rows.at[index, "landmarks"]) if self.return_landmarks else None
+        landmarks = None
+        if self.return_landmarks or self.heatmaps in ("codebook", "generic"):
+            landmarks = landmarks_array(self.rows.at[index, "landmarks"]) if "landmarks" in self.rows.columns else None
         if landmarks is not None and self.crop_to_bbox:
             x0, y0, *_ = _clamped_box(self.rows.at[index, "bbox"], image.shape)
             landmarks = landmarks - np.array([x0, y0], dtype=np.float32)
+        # The 68 points the AU map is drawn from travel through the augmentation with the image.
+        au_points, au_source = None, 0
+        if self.heatmaps in ("codebook", "generic", "template"):
+            if self.heatmaps != "template":
+                au_points, au_source = landmarks68(landmarks)
+            if au_points is None:
+                au_points, au_source = template_landmarks(image.shape[0], image.shape[1]), MAP_SOURCES.index("template")
         mask = None
         if self.occlusion_masks is not None:
             mask = self.occlusion_masks[int(self.rows.at[index, "mask_index"])]
+        truth = self._truth_map(index, image.shape[:2]) if self.heatmaps == "truth" else None
         if self.hflip > 0 and rng.random() < self.hflip:
             image = image[:, ::-1]
             mask = mask[:, ::-1] if mask is not None else None
+            truth = truth[:, ::-1] if truth is not None else None
             landmarks = flip_landmarks(landmarks, image.shape[1]) if landmarks is not None else None
+            au_points = flip_landmarks(au_points, image.shape[1]) if au_points is not None else None
+        clean, has_clean = None, True
+        if self.occlusion_augment > 0 or self.occlusion_masks is not None:
+            known = mask is not None and bool(mask.any())
+            has_clean = not known  # an image with a real occluder has no clean version
+            clean = image
+            if not known and rng.random() < self.occlusion_augment:
+                image, mask = draw_occluder(np.ascontiguousarray(image), rng, self.occluder_kinds)
+            mask = mask if mask is not None else np.zeros(image.shape[:2], np.uint8)
         targets["image"] = np.ascontiguousarray(image)
+        if self.occlusion_augment > 0:
+            targets["clean_image"] = np.ascontiguousarray(clean)
         if mask is not None:
             targets["mask"] = np.ascontiguousarray(mask)
-        if landmarks is not None:
-            targets["keypoints"] = landmarks
+        if truth is not None:
+            targets["masks"] = [np.ascontiguousarray(truth)]
+        keypoints = [p for p in (landmarks if self.return_landmarks else None, au_points) if p is not None]
+        if keypoints:
+            targets["keypoints"] = np.concatenate(keypoints).astype(np.float32)
         out = self.transform(**targets)
+        moved = np.asarray(out["keypoints"], dtype=np.float32) if keypoints else None
 
         item = {"image": out["image"], "label": torch.tensor(self.labels[index]), "index": torch.tensor(index)}
-        if landmarks is not None:
-            item["landmarks"] = torch.as_tensor(np.asarray(out["keypoints"], dtype=np.float32))
+        if landmarks is not None and self.return_landmarks:
+            item["landmarks"] = torch.as_tensor(moved[: len(landmarks)])
         if mask is not None:
             item["occlusion"] = torch.as_tensor(np.asarray(out["mask"]))
+        if self.occlusion_augment > 0:
+            item["clean_image"] = out["clean_image"]
+            item["has_clean"] = torch.tensor(has_clean)
+        if self.heatmaps is not None:
+            size = int(item["image"].shape[-1])
+            points = moved[len(moved) - 68 :] if au_points is not None else None
+            truth_out = out["masks"][0] if truth is not None else None
+            heatmap, source = self._heatmap(index, points, au_source, truth_out, size)
+            item["heatmap"] = torch.as_tensor(heatmap if heatmap is not None else np.zeros((size, size), np.float32))
+            item["heatmap_valid"] = torch.tensor(heatmap is not None)
+            item["heatmap_source"] = torch.tensor(source if heatmap is not None else 0)
         if self.soft_targets is not None:
             target = self.soft_targets[index]
             if self.target_kind == "sample":  # FER+ "probability": one class per sample and epoch
@@ -229,3 +320,28 @@ class FaceDataset(Dataset):
                 target = np.eye(len(target), dtype=np.float32)[drawn]
             item["target"] = torch.as_tensor(target)
         return item
+
+    def _truth_map(self, index: int, shape: tuple[int, int]) -> np.ndarray:
+        """SynthFER's true AU map of row ``index`` at image size: the max over the rendered regions of its active
+        AUs (intensity at least half the strongest, and ≥ 0.05; none for neutral), bilinearly upsampled."""
+        intensity = np.asarray(self.rows.at[index, "au_intensity"], dtype=np.float32)
+        regions = self.au_regions[int(self.rows.at[index, "mask_index"])].astype(np.float32)  # [n_AU, G, G]
+        active = (intensity >= max(0.05, 0.5 * float(intensity.max()))) if intensity.max() > 0 else intensity > 1
+        if self.label_names[self.labels[index]] == "neutral" or not active.any():
+            return np.zeros(shape, np.float32)
+        grid_map = regions[active].max(axis=0)
+        return cv2.resize(grid_map, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+    def _heatmap(
+        self, index: int, points: np.ndarray | None, source: int, truth: np.ndarray | None, size: int
+    ) -> tuple[np.ndarray | None, int]:
+        """The AU map of row ``index`` drawn on its augmented 68 ``points`` (or the augmented true map) and its
+        source code in ``MAP_SOURCES``; None when the sample has no map (neutral, contempt)."""
+        if self.heatmaps == "truth":
+            truth = np.asarray(truth, dtype=np.float32)
+            return (truth / truth.max(), MAP_SOURCES.index("truth")) if truth.max() > 0 else (None, 0)
+        aus = expression_aus(self.label_names[self.labels[index]], generic=self.heatmaps == "generic")
+        if not aus or points is None:
+            return None, 0
+        heatmap = draw_au_map(points, aus, size)
+        return (heatmap, source) if heatmap is not None else (None, 0)

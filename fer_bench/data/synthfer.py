@@ -180,22 +180,24 @@ class _Identity:
     lower_lip: float
 
 
+_IDENTITY_RANGES: dict[str, tuple[float, float]] = {
+    "face_w": (0.29, 0.34),
+    "face_h": (0.37, 0.42),
+    "eye_y": (0.44, 0.47),
+    "eye_dx": (0.115, 0.135),
+    "eye_w": (0.052, 0.064),
+    "brow_gap": (0.05, 0.065),
+    "nose_y": (0.585, 0.615),
+    "nose_w": (0.9, 1.15),
+    "mouth_y": (0.69, 0.72),
+    "mouth_w": (0.09, 0.11),
+    "upper_lip": (0.016, 0.024),
+    "lower_lip": (0.02, 0.03),
+}
+
+
 def _sample_identity(rng: np.random.Generator) -> _Identity:
-    u = rng.uniform
-    return _Identity(
-        face_w=u(0.29, 0.34),
-        face_h=u(0.37, 0.42),
-        eye_y=u(0.44, 0.47),
-        eye_dx=u(0.115, 0.135),
-        eye_w=u(0.052, 0.064),
-        brow_gap=u(0.05, 0.065),
-        nose_y=u(0.585, 0.615),
-        nose_w=u(0.9, 1.15),
-        mouth_y=u(0.69, 0.72),
-        mouth_w=u(0.09, 0.11),
-        upper_lip=u(0.016, 0.024),
-        lower_lip=u(0.02, 0.03),
-    )
+    return _Identity(**{name: rng.uniform(lo, hi) for name, (lo, hi) in _IDENTITY_RANGES.items()})
 
 
 def _face_landmarks(ident: _Identity, au: dict[int, float], contempt_side: int) -> np.ndarray:
@@ -959,3 +961,10 @@ def load_synthfer(root: Path) -> DatasetInfo:
         subset_columns=tuple(card.get("subset_columns", SUBSET_COLUMNS)),
         extras={"image_size": size, "masks": lambda: load_masks(root, size)},
     )
+
+
+def mean_face_landmarks() -> np.ndarray:
+    """The 68 iBUG points (fractions of the image side) of SynthFER's average identity with a neutral face: the
+    mean-shape template that 5-point landmarks are fitted to and per-class template AU maps are drawn on."""
+    mid = _Identity(**{name: (lo + hi) / 2 for name, (lo, hi) in _IDENTITY_RANGES.items()})
+    return _face_landmarks(mid, {}, 0)

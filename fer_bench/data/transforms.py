@@ -24,6 +24,9 @@ class AugmentOptions:
         color: Probability of a brightness/contrast change of up to ±0.2.
         blur: Probability of a Gaussian blur (sigma up to 1 px at 112 px).
         erasing: Probability of 1-2 random erased boxes of 10-25 % of the side (CoarseDropout).
+        occluders: Probability of one synthetic occluder (object, hand, bar or noise patch; drawn by the dataset,
+            see :mod:`fer_bench.data.occluders`): occlusion augmentation without the occlusion head, the usual
+            robustness baseline. The ``occlusion`` head's ``augment`` option replaces it.
     """
 
     hflip: float = 0.5
@@ -34,6 +37,7 @@ class AugmentOptions:
     color: float = 0.5
     blur: float = 0.0
     erasing: float = 0.0
+    occluders: float = 0.0
 
 
 def create_transform(
@@ -43,12 +47,13 @@ def create_transform(
     augment: AugmentOptions | None = None,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
-    with_keypoints: bool = False,
+    with_clean: bool = False,
 ) -> A.Compose:
     """Build the train or eval pipeline: resize to ``img_size`` → (augment) → normalise → CHW tensor.
 
     Eval is a plain resize of the (already face-cropped) image, so every protocol sees the same pixels.
-    With ``with_keypoints`` the pipeline also moves ``keypoints`` (xy pixels) through the geometric transforms.
+    ``keypoints`` (xy pixels), when given, move through the geometric transforms with the image; with
+    ``with_clean`` a second image ``clean_image`` (the un-occluded original) gets exactly the same transform.
     """
     # Resize first: augmenting at the training resolution is several times cheaper than at the source size.
     steps: list[A.BasicTransform] = [
@@ -88,5 +93,6 @@ def create_transform(
         A.Normalize(mean=mean, std=std, max_pixel_value=255.0, strict=True),
         ToTensorV2(),
     ]
-    keypoint_params = A.KeypointParams(format="xy", remove_invisible=False) if with_keypoints else None
-    return A.Compose(steps, keypoint_params=keypoint_params, strict=True)
+    keypoint_params = A.KeypointParams(format="xy", remove_invisible=False)
+    additional = {"clean_image": "image"} if with_clean else None
+    return A.Compose(steps, keypoint_params=keypoint_params, additional_targets=additional, strict=True)

@@ -28,6 +28,7 @@ from fer_bench.errors import ConfigError
 from fer_bench.eval import bootstrap as B
 from fer_bench.eval import fairness as F
 from fer_bench.eval import metrics as M
+from fer_bench.eval.head_metrics import AttentionCosineHook, EvalHook, OcclusionDetectionHook
 from fer_bench.eval.protocols import Protocol, protocol_rows
 from fer_bench.models import FerModel
 from fer_bench.provenance import git_sha
@@ -87,20 +88,37 @@ def predict(
     return np.concatenate(probs) if probs else np.zeros((0, model.num_classes))
 
 
-class EvalHook:
-    """A per-batch metric that lands in the evaluation report under ``heads/<name>``.
+def head_metric_hooks(
+    model: FerModel, info: DatasetInfo, rows: pd.DataFrame, label_names: tuple[str, ...]
+) -> tuple[list[EvalHook], dict[str, Any]]:
+    """The head-metric hooks that apply to ``model`` on ``info`` and the dataset options they need.
 
-    Subclasses accumulate in :meth:`update` (called with the batch dict and the model's output dict, e.g. an
-    ``attention`` map [B, H, W] next to ``logits``) and return a flat dict of numbers from :meth:`result`.
+    * ATT-COS / CAM-COS whenever AU maps exist: SynthFER's rendered AU regions (``truth``), else the codebook drawn
+      from 68 (or fitted 5) landmarks. A model without the ``au_heatmap`` head is probed with the head's default
+      attention (channel mean of the last ViT block / second-to-last Swin stage), so both sides of an ablation are
+      measured alike. Only for a model whose classes equal the dataset's.
+    * Occluded-patch detection when the model has an ``occlusion`` head and the dataset has true masks (SynthFER).
     """
+    hooks: list[EvalHook] = []
+    options: dict[str, Any] = {}
+    if not isinstance(model, FerModel) or tuple(label_names) != tuple(info.label_space.names):
+        return hooks, options
+    has_masks = "masks" in info.extras
+    source = "truth" if has_masks and "au_intensity" in rows.columns else None
+    if source is None and "landmarks" in rows.columns and len(rows):
+        from fer_bench.data.manifest import landmarks_array
 
-    name = "hook"
-
-    def update(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def result(self) -> dict[str, float]:
-        raise NotImplementedError
+        first = landmarks_array(rows["landmarks"].iloc[0])
+        source = "codebook" if first is not None and len(first) in (5, 68) else None
+    if source is not None:
+        kind, layer = model.probe_attention()
+        hooks.append(AttentionCosineHook(tuple(label_names), map_source=source, attention=kind, layer=layer))
+        options["heatmaps"] = source
+    occlusion = model.head("occlusion")
+    if occlusion is not None and has_masks:
+        hooks.append(OcclusionDetectionHook(min_occupancy=occlusion.min_occupancy))
+        options["occlusion_masks"] = True
+    return hooks, options
 
 
 def renormalize(probs: np.ndarray) -> np.ndarray:
@@ -430,6 +448,7 @@ def evaluate(
     min_group_size: int = 30,
     progress=None,
     hooks: list | None = None,
+    head_metrics: bool = True,
 ) -> dict[str, Any]:
     """Run ``model`` on the protocol's rows (or ``split`` of ``info``) and return the results dict.
 
@@ -437,6 +456,8 @@ def evaluate(
     canonical names (:func:`label_alignment`): a 7-class model on an 8-class dataset drops the contempt rows, an
     8-class model on a 7-class dataset has its contempt logit masked; ``cross_dataset`` in the result says which.
     With ``perturb``, the clean score is computed too and the drop reported under ``robustness``.
+    With ``head_metrics``, ATT-COS/CAM-COS (datasets with AU maps: SynthFER's rendered regions, or landmarks) and
+    occluded-patch detection (an occlusion head on a dataset with true masks) land under ``heads``.
     """
     if protocol is not None:
         split = protocol.split
@@ -446,10 +467,18 @@ def evaluate(
         rows = info.split(split)
     rows, scored, cross = align_rows(rows, info, tuple(label_names))
     transform = create_transform(train=False, img_size=img_size)
+    auto_hooks, data_options = head_metric_hooks(model, info, rows, label_names) if head_metrics else ([], {})
+    hooks = list(hooks or []) + auto_hooks
 
     def run(kind: str | None) -> np.ndarray:
         dataset = FaceDataset.from_info(
-            info, split, transform=transform, rows=rows, perturb=kind, perturb_seed=perturb_seed
+            info,
+            split,
+            transform=transform,
+            rows=rows,
+            perturb=kind,
+            perturb_seed=perturb_seed,
+            **(data_options if kind is None else {}),
         )
         probs = predict(
             model,
@@ -470,6 +499,7 @@ def evaluate(
         "perturb": perturb,
         "perturb_seed": perturb_seed if perturb else None,
         "min_group_size": min_group_size,
+        "heads": model.head_config() if isinstance(model, FerModel) else {},
     }
     common = dict(
         info=info,
@@ -483,8 +513,13 @@ def evaluate(
         seed=seed,
         min_group_size=min_group_size,
     )
-    clean = score(probs=run(None), **common)
-    clean["heads"] = {hook.name: hook.result() for hook in hooks or ()}
+    probe = getattr(model, "attention_probe", None)
+    try:
+        clean = score(probs=run(None), **common)
+    finally:
+        if isinstance(model, FerModel):
+            model.attention_probe = probe
+    clean["heads"] = {hook.name: hook.result() for hook in hooks}
     if not perturb:
         return clean
     perturbed = score(probs=run(perturb), **common)

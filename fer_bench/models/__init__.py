@@ -2,5 +2,6 @@
 
 from fer_bench.models.backbone import create_backbone, token_map
 from fer_bench.models.fer_model import FerModel, create_model
+from fer_bench.models.heads import list_heads
 
-__all__ = ["FerModel", "create_backbone", "create_model", "token_map"]
+__all__ = ["FerModel", "create_backbone", "create_model", "list_heads", "token_map"]

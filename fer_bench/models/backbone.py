@@ -42,7 +42,8 @@ def create_backbone(
             with a weights tag (``vit_base_patch16_224.augreg_in21k_ft_in1k``).
         pretrained: ``False`` (random init), a local weights file (.safetensors/.pth/.bin), or ``True`` (the hub).
         stem: ``patch`` (the architecture's own) or ``conv`` (ViT only: a BatchNorm conv stem, see
-            :mod:`fer_bench.models.conv_stem`; faster to train from scratch, not compatible with pretrained weights).
+            :mod:`fer_bench.models.conv_stem`; faster to train from scratch; hub weights do not fit it, a local file
+            of a conv-stem backbone does).
         kwargs: Passed to ``timm.create_model`` (e.g. ``depth``, ``patch_size``, ``drop_path_rate``); ``None``
             values are dropped.
     """
@@ -62,8 +63,11 @@ def create_backbone(
     if stem == "conv":
         if module != "vision_transformer":
             raise ConfigError(f"model.stem='conv' applies to plain ViTs; {name!r} is from {module}.py")
-        if pretrained:
-            raise ConfigError("model.stem='conv' trains a new stem: use it with model.pretrained=false")
+        if pretrained is True:
+            raise ConfigError(
+                "model.stem='conv' has no hub weights: use model.pretrained=false, or a local file of a conv-stem "
+                "model trained with fer_bench"
+            )
         kwargs["embed_layer"] = ConvStemPatchEmbed
     elif stem != "patch":
         raise ConfigError(f"model.stem: expected 'patch' or 'conv', got {stem!r}")
@@ -112,3 +116,92 @@ def token_map(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     if isinstance(model, SwinTransformer):
         return features.permute(0, 3, 1, 2)  # [B, H, W, C] → [B, C, H, W]
     raise ConfigError(f"token_map: unsupported backbone {type(model).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    """How many layers :func:`forward_layers` counts: transformer blocks for a ViT, stages for a Swin."""
+    return len(model.blocks) if isinstance(model, VisionTransformer) else len(model.layers)
+
+
+def resolve_layer(model: nn.Module, layer: int, *, option: str) -> int:
+    """A layer index (negative counts from the end, as in Python) checked against the backbone's depth."""
+    n = num_layers(model)
+    if not -n <= layer < n:
+        raise ConfigError(f"{option}={layer}: the backbone has {n} layers (use 0..{n - 1} or -1..-{n})")
+    return layer % n
+
+
+def forward_layers(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    capture: tuple[int, ...] = (),
+    edit_layer: int | None = None,
+    edit=None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """``forward_features`` that also returns layer outputs and can replace one layer's tokens on the way.
+
+    The layers up to ``max(capture)`` (or ``edit_layer``) run through timm's ``forward_intermediates`` (with
+    ``stop_early``); after an edit the remaining layers run on the edited tokens. Layer outputs are the residual
+    stream before the final norm, as [B, C, H, W] token maps for both families.
+
+    Args:
+        capture: Layer indices whose outputs to return.
+        edit_layer: Layer after which ``edit`` replaces the token map: ``edit([B, C, H, W]) -> [B, C, H, W]``.
+
+    Returns:
+        (features as ``forward_features`` gives them, {layer: [B, C, H, W]}, {layer: [B, P, C] ViT prefix tokens}).
+    """
+    n = num_layers(model)
+    is_vit = isinstance(model, VisionTransformer)
+    split = edit_layer if edit_layer is not None else max(capture, default=n - 1)
+    first = sorted({i for i in capture if i <= split} | {split})
+    if is_vit:
+        out = model.forward_intermediates(
+            x, indices=first, return_prefix_tokens=True, stop_early=True, intermediates_only=True
+        )
+        maps = {i: m for i, (m, _) in zip(first, out, strict=True)}
+        prefix = {i: p for i, (_, p) in zip(first, out, strict=True)}
+    else:
+        out = model.forward_intermediates(x, indices=first, stop_early=True, intermediates_only=True)
+        maps, prefix = dict(zip(first, out, strict=True)), {}
+    current = maps[split]  # [B, C, H, W]
+    if edit is not None:
+        current = edit(current)
+        if split in capture:
+            maps[split] = current
+    b, c, h, w = current.shape
+    if is_vit:
+        tokens = torch.cat([prefix[split], current.flatten(2).transpose(1, 2)], dim=1)  # [B, P + H*W, C]
+        for i in range(split + 1, n):
+            tokens = model.blocks[i](tokens)
+            if i in capture:
+                prefix[i] = tokens[:, : model.num_prefix_tokens]
+                maps[i] = token_map(model, tokens)
+        features = model.norm(tokens)
+    else:
+        tokens = current.permute(0, 2, 3, 1)  # [B, H, W, C]
+        for i in range(split + 1, n):
+            tokens = model.layers[i](tokens)
+            if i in capture:
+                maps[i] = tokens.permute(0, 3, 1, 2)
+        features = model.norm(tokens)
+    return features, {i: maps[i] for i in capture}, prefix
+
+
+def class_token_attention(model: nn.Module, tokens_in: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] attention of the class token to the patch tokens in a ViT's last block, averaged over heads.
+
+    ``tokens_in`` [B, P + H*W, C] is the sequence that enters the last block (the output of the one before).
+    """
+    if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
+        raise ConfigError("attention='cls_attention' needs a ViT with a class token")
+    block = model.blocks[-1]
+    attn = block.attn
+    b, n, c = tokens_in.shape
+    qkv = attn.qkv(block.norm1(tokens_in)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # [B, heads, N, d]
+    scores = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, heads, 1, N]
+    weights = scores.softmax(dim=-1)[:, :, 0, model.num_prefix_tokens :].mean(dim=1)  # [B, H*W]
+    h, w = model.patch_embed.dynamic_feat_size(model.patch_embed.img_size)
+    return weights.reshape(b, h, w)

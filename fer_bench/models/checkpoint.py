@@ -58,6 +58,7 @@ def model_from_checkpoint(state: dict[str, Any]):
         img_size=int(config["img_size"]),
         pretrained=False,
         stem=config.get("stem", "patch"),
+        heads=config.get("heads") or {},
         **config.get("backbone_kwargs", {}),
     )
     missing, unexpected = model.load_state_dict(state["model"], strict=False)

@@ -31,6 +31,8 @@ from fer_bench.data import (
     get_dataset,
     with_validation_split,
 )
+from fer_bench.data.au_maps import MAP_SOURCES
+from fer_bench.data.occluders import check_occluder_kinds
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, flat_metrics, write_report
 from fer_bench.models import FerModel, create_model
@@ -200,6 +202,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def head_data_options(model: FerModel, info: DatasetInfo, augment: AugmentOptions) -> dict[str, Any]:
+    """What the heads need from the training data: AU maps (``au_heatmap``), synthetic occluders with clean images
+    and the dataset's own occlusion masks where it has them (``occlusion``, or ``augment.occluders`` alone)."""
+    options: dict[str, Any] = {}
+    if augment.occluders > 0:
+        options["occlusion_augment"] = augment.occluders
+        options["occlusion_masks"] = "masks" in info.extras
+    au = model.head("au_heatmap")
+    if au is not None:
+        options["heatmaps"] = au.maps
+    occlusion = model.head("occlusion")
+    if occlusion is not None:
+        options["occlusion_augment"] = occlusion.augment
+        options["occluder_kinds"] = check_occluder_kinds(occlusion.occluders, option="model.heads.occlusion.occluders")
+        options["occlusion_masks"] = "masks" in info.extras
+    return options
+
+
+def describe_heads(model: FerModel, train_set: FaceDataset, sample: int = 200) -> str:
+    """One line on the heads and their data: AU-map sources counted on the first ``sample`` training items."""
+    parts = []
+    for name, head in model.heads.items():
+        settings = ", ".join(f"{k}={v}" for k, v in head.config().items())
+        if name == "au_heatmap":
+            n = min(sample, len(train_set))
+            codes = [int(train_set[i]["heatmap_source"]) for i in range(n)]
+            counts = {MAP_SOURCES[c]: codes.count(c) for c in sorted(set(codes))}
+            settings += f"; AU-map sources in {n} training samples: {counts}"
+        parts.append(f"{name} ({settings})")
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -219,21 +253,46 @@ def train_one_epoch(
     callbacks: Callbacks,
     target_kind: str = "label",
     max_steps: int | None = None,
+    total_steps: int | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader`` (or fewer batches once ``max_steps`` optimiser steps were taken in all)."""
+    """One pass over ``loader`` (or fewer batches once ``max_steps`` optimiser steps were taken in all).
+
+    The loss is the classification loss plus every head's named terms (:meth:`FerModel.losses`); each term's epoch
+    mean is returned as ``loss_<name>`` next to ``train_loss`` (their sum) and ``train_acc``.
+    """
     model.train()
     total, count, correct = 0.0, 0, 0
+    term_sums: dict[str, float] = {}
+    needs_clean = model.head("occlusion") is not None
     for batch in loader:
         if max_steps is not None and scheduler.last_epoch >= max_steps:
             break
+        model.set_progress(scheduler.last_epoch / max(1, total_steps or 1))
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # [B, 3, S, S]
         labels = batch["label"].to(device, non_blocking=True)  # [B]
         target = batch["target"].to(device, non_blocking=True) if "target" in batch else None  # [B, K] soft targets
+        occlusion_mask = batch["occlusion"].to(device) if "occlusion" in batch else None  # [B, S, S]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)["logits"]  # [B, K]
-        loss = classification_loss(
-            logits, labels=labels, target=target, target_kind=target_kind, label_smoothing=label_smoothing
-        )
+            clean_outputs = None
+            if needs_clean and "clean_image" in batch:
+                with torch.no_grad():  # the teacher of the consistency term
+                    clean = batch["clean_image"].to(device, memory_format=memory_format)
+                    clean_outputs = model(clean, reconstruct=False)
+            outputs = model(images, occlusion_mask=occlusion_mask)
+            logits = outputs["logits"]  # [B, K]
+            terms = {
+                "ce": classification_loss(
+                    outputs.get("train_logits", logits),
+                    labels=labels,
+                    target=target,
+                    target_kind=target_kind,
+                    label_smoothing=label_smoothing,
+                    class_weights=class_weights,
+                )
+            }
+            terms |= model.losses(outputs, batch, clean_outputs)
+        loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip:
@@ -246,8 +305,13 @@ def train_one_epoch(
         total += loss.item() * n
         count += n
         correct += (logits.argmax(1) == labels).sum().item()
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + float(value.detach()) * n
         callbacks.step(loss.item())
-    return {"train_loss": total / max(count, 1), "train_acc": correct / max(count, 1)}
+    row = {"train_loss": total / max(count, 1), "train_acc": correct / max(count, 1)}
+    if len(term_sums) > 1:
+        row |= {f"loss_{name}": value / max(count, 1) for name, value in term_sums.items()}
+    return row
 
 
 @torch.no_grad()
@@ -317,26 +381,6 @@ def fit(
 
     info = load_data(recipe, cb)
     label_names = info.label_space.names
-    aug = AugmentOptions(**data_cfg.augment.model_dump())
-    train_set = FaceDataset.from_info(
-        info,
-        data_cfg.train_split,
-        transform=create_transform(train=True, img_size=data_cfg.img_size, augment=aug),
-        train=True,
-        hflip=aug.hflip,
-        seed=rt.seed,
-        cache_images=data_cfg.cache_images,
-    )
-    val_set = FaceDataset.from_info(
-        info,
-        data_cfg.val_split,
-        transform=create_transform(train=False, img_size=data_cfg.img_size),
-        cache_images=data_cfg.cache_images,
-    )
-    if info.target_kind != "label":
-        cb.message(f"{info.name}: training on soft targets ({info.target_kind}); {info.protocol}")
-    workers = (0 if device.type == "cpu" else 8) if rt.workers == "auto" else rt.workers
-
     backbone_kwargs = dict(recipe.model.backbone_kwargs)
     if recipe.model.drop_path_rate:
         backbone_kwargs["drop_path_rate"] = recipe.model.drop_path_rate
@@ -357,7 +401,39 @@ def fit(
         "num_classes": len(label_names),
         "img_size": data_cfg.img_size,
         "backbone_kwargs": {k: v for k, v in backbone_kwargs.items() if k != "drop_path_rate"},
+        "heads": recipe.model.heads,
     }
+
+    aug = AugmentOptions(**data_cfg.augment.model_dump())
+    data_options = head_data_options(model, info, aug)
+    train_set = FaceDataset.from_info(
+        info,
+        data_cfg.train_split,
+        transform=create_transform(
+            train=True, img_size=data_cfg.img_size, augment=aug, with_clean="occlusion_augment" in data_options
+        ),
+        train=True,
+        hflip=aug.hflip,
+        seed=rt.seed,
+        cache_images=data_cfg.cache_images,
+        **data_options,
+    )
+    val_set = FaceDataset.from_info(
+        info,
+        data_cfg.val_split,
+        transform=create_transform(train=False, img_size=data_cfg.img_size),
+        cache_images=data_cfg.cache_images,
+    )
+    if info.target_kind != "label":
+        cb.message(f"{info.name}: training on soft targets ({info.target_kind}); {info.protocol}")
+    workers = (0 if device.type == "cpu" else 8) if rt.workers == "auto" else rt.workers
+    class_weights = None
+    anchors = model.head("anchors")
+    if anchors is not None and anchors.class_weighted:
+        anchors.set_class_weights(torch.bincount(torch.as_tensor(train_set.labels), minlength=len(label_names)))
+        class_weights = anchors.class_weights
+    if model.heads:
+        cb.message(f"heads: {describe_heads(model, train_set)}")
     optimizer = build_optimizer(
         model, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay
     )
@@ -458,6 +534,8 @@ def fit(
                 callbacks=cb,
                 target_kind=info.target_kind,
                 max_steps=rt.max_steps,
+                total_steps=total_steps,
+                class_weights=class_weights,
             )
             row |= validate(model, val_loader, device=device, amp_dtype=amp_dtype, memory_format=memory_format)
             row["lr"] = optimizer.param_groups[0]["lr"]

@@ -15,10 +15,12 @@ def classification_loss(
     target: torch.Tensor | None = None,
     target_kind: str = "label",
     label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean loss of a batch.
 
-    * ``label``: cross-entropy on ``labels`` [B] (with label smoothing).
+    * ``label``: cross-entropy on ``labels`` [B] (with label smoothing and optional per-class ``class_weights`` [K]).
+      ``logits`` may also be log-probabilities (the anchors head's balanced distribution): log_softmax leaves them.
     * ``soft`` / ``sample``: cross-entropy -Σ_k t_k log p_k on ``target`` [B, K] (a distribution or a drawn one-hot).
     * ``multi_target``: -log max_k(t'_k p_k) with t' = (1-ε)·[t > 0] + ε, ε = 0.001 (Barsoum et al., 2016; the
       official FER+ trainer): any class the annotators chose counts as right.
@@ -33,7 +35,8 @@ def classification_loss(
     """
     logits = logits.float()  # [B, K]
     if target_kind == "label":
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        weight = class_weights.to(logits.device).float() if class_weights is not None else None
+        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
     if target is None:
         raise ValueError(f"target_kind={target_kind!r} needs the batch's 'target'")
     if target_kind in ("soft", "sample"):

@@ -29,6 +29,9 @@ class AugmentConfig(_Section):
     color: float = Field(0.5, ge=0, le=1)
     blur: float = Field(0.0, ge=0, le=1)
     erasing: float = Field(0.0, ge=0, le=1)
+    occluders: float = Field(
+        0.0, ge=0, le=1
+    )  # synthetic occluders (fer_bench.data.occluders); the occlusion head's own
 
 
 class DataConfig(_Section):
@@ -51,7 +54,7 @@ class ModelConfig(_Section):
     backbone: str = "vit_tiny_patch16_224"
     stem: Literal["patch", "conv"] = "patch"
     pretrained: bool | str = False
-    heads: dict[str, dict[str, Any]] = {}
+    heads: dict[str, dict[str, Any] | None] = {}  # au_heatmap / anchors / occlusion → options (fer_bench.models.heads)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     backbone_kwargs: dict[str, Any] = {}
 
@@ -152,6 +155,7 @@ def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
     """Validate a recipe dict, including the dataset name and its adapter options."""
     from fer_bench.data import check_dataset_options
     from fer_bench.errors import FerBenchError
+    from fer_bench.models.heads import check_head_options
 
     try:
         recipe = Recipe.model_validate(data)
@@ -161,6 +165,10 @@ def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
         check_dataset_options(recipe.data.dataset, recipe.data.options)
     except FerBenchError as exc:
         raise ConfigError(f"{source}: data: {exc}") from None
+    try:
+        check_head_options(recipe.model.heads)
+    except FerBenchError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return recipe
 
 

@@ -1,0 +1,200 @@
+"""Action-unit (AU) maps: where on a face the muscles of an expression act, drawn from 68 landmarks.
+
+Used by the ``au_heatmap`` head as its training target and by the evaluator for ATT-COS / CAM-COS (Belharbi et al.,
+"Guided Interpretable Facial Expression Recognition via Spatial Action Unit Cues", FG 2024).
+
+* :data:`CODEBOOK`: expression → AUs, the paper's Fig. 2 (after Martinez et al., "Automatic Analysis of Facial
+  Actions: A Survey", 2017). Disgust uses AU10 (upper-lip raiser) as the paper says; the released code has AU5 there.
+  Neutral and contempt have no AUs, so no map: those samples are left out of the loss and of the metric.
+* :func:`au_ellipses`: each AU as one or two filled ellipses placed from the iBUG-300W 68 points, as in the
+  released code (``action_units.py``); radii given there in pixels of a 224 px crop are scaled to the image size,
+  and every ellipse is turned by the face's roll (the eye line) so a map drawn on a rotated face is the rotated map.
+  Two placements are made mirror-symmetric so a map follows a horizontal flip: AU10 uses (x48, y50) and
+  (x54, y52) where the code has (x52, y54), AU20 the midpoints of 48-6 and 54-10 (the code has 50-10), and AU17
+  sits between points 57 and 8 (the code uses 59, off the midline).
+* :func:`draw_au_map`: per AU, the ellipses on an image-sized canvas, softened (area-downsampled to 28 x 28,
+  3 x 3 box blur, bilinear back up); the pixel-wise max over AUs, min-max normalised to [0, 1].
+* Landmark sources, in order: 68 points as given; 5 points (eyes, nose, mouth corners, RAF-DB's manual files)
+  → the 68-point mean template fitted by a similarity transform (:func:`fit_template`); none → the class's map
+  drawn on the template placed as in an aligned crop (:func:`template_au_map`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+#: The paper's expression → AU codebook (FACS numbers).
+CODEBOOK: dict[str, tuple[int, ...]] = {
+    "happiness": (6, 12, 25),
+    "surprise": (1, 2, 5, 26, 27),
+    "fear": (1, 2, 4, 5, 20, 25, 26, 27),
+    "anger": (4, 5, 7, 10, 17, 23, 24, 25, 26),
+    "disgust": (9, 10, 16, 17, 25, 26),
+    "sadness": (1, 4, 6, 15, 17),
+    "neutral": (),
+    "contempt": (),
+}
+#: Every AU the codebook uses: the class-agnostic ("generic") map.
+GENERIC_AUS: tuple[int, ...] = tuple(sorted({au for aus in CODEBOOK.values() for au in aus}))
+#: Map sources, as logged per sample (index = code in ``heatmap_source``).
+MAP_SOURCES: tuple[str, ...] = ("none", "landmarks68", "fit5", "template", "truth")
+
+_SOFTEN_GRID = 28
+_REFERENCE_SIZE = 224.0  # the released code's pixel radii are for 224 px crops
+
+
+def _roll(points: np.ndarray) -> float:
+    """Face roll in degrees: the angle of the line from the image-left eye centre to the image-right one."""
+    left, right = points[36:42].mean(axis=0), points[42:48].mean(axis=0)
+    return math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
+
+
+def au_ellipses(points: np.ndarray, au: int, size: int) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The ellipses (centre (x, y), semi-axes (a, b)) of ``au`` on a ``size`` px image with 68 landmarks ``points``.
+
+    Example:
+        >>> pts = np.zeros((68, 2)); pts[48] = (80, 150); pts[54] = (144, 150)
+        >>> au_ellipses(pts, 12, 224)
+        [((80.0, 150.0), (20.0, 20.0)), ((144.0, 150.0), (20.0, 20.0))]
+    """
+    p = np.asarray(points, dtype=np.float64)
+    px = size / _REFERENCE_SIZE  # one pixel of the 224 px reference
+
+    def at(x, y, a, b):
+        return ((float(x), float(y)), (float(max(a, 1.0)), float(max(b, 1.0))))
+
+    def box(xs, ys, grow_b=0.0, minimum=5.0):
+        x0, x1 = min(p[xs, 0]), max(p[xs, 0])
+        y0, y1 = min(p[ys, 1]), max(p[ys, 1])
+        a = (x1 - x0) / 2 or minimum * px
+        b = (y1 - y0) / 2 or minimum * px
+        return at((x0 + x1) / 2, (y0 + y1) / 2, a, b + grow_b * px)
+
+    mid = lambda i, j: (p[i] + p[j]) / 2  # noqa: E731
+    r20 = 20 * px
+    if au in (1, 2):
+        i, j = (20, 23) if au == 1 else (18, 25)
+        return [at(*p[k], size / 8, size / 10) for k in (i, j)]
+    if au == 4:
+        c = mid(19, 24)
+        return [at(*c, abs(p[19, 0] - p[24, 0]) / 2 or 10 * px, abs(p[19, 1] - p[24, 1]) / 2 or 10 * px)]
+    if au in (5, 7, 43):
+        grow = 0.0 if au == 5 else 10.0
+        return [box([36, 39], [38, 41], grow), box([42, 45], [44, 47], grow)]
+    if au == 6:
+        return [at(p[k, 0], p[k, 1] + size / 6, size / 10, size / 10) for k in (41, 46)]
+    if au == 9:
+        return [at(p[31, 0], p[29, 1], r20, r20), at(p[35, 0], p[29, 1], r20, r20)]
+    if au == 10:
+        return [at(p[48, 0], p[50, 1], r20, r20), at(p[54, 0], p[52, 1], r20, r20)]
+    if au in (12, 15):
+        return [at(*p[48], r20, r20), at(*p[54], r20, r20)]
+    if au == 14:
+        return [at(p[48, 0] - r20, p[48, 1], r20, r20), at(p[54, 0] + r20, p[54, 1], r20, r20)]
+    if au == 16:
+        return [at(*p[59], r20, r20), at(*p[55], r20, r20)]
+    if au == 17:
+        c = mid(57, 8)
+        return [at(*c, abs(p[57, 0] - p[8, 0]) / 2 or 10 * px, abs(p[57, 1] - p[8, 1]) / 2 or 10 * px)]
+    if au == 20:
+        return [at(*mid(48, 6), r20, r20), at(*mid(54, 10), r20, r20)]
+    if au in (23, 24, 26, 27):
+        return [box([48, 54], [51, 57])]
+    if au == 25:
+        return [at(*p[51], 25 * px, 10 * px), at(*p[57], 25 * px, 10 * px)]
+    raise ValueError(f"AU{au}: no region defined (known: {sorted(GENERIC_AUS)})")
+
+
+def _soften(canvas: np.ndarray) -> np.ndarray:
+    size = canvas.shape[0]
+    small = cv2.resize(canvas, (_SOFTEN_GRID, _SOFTEN_GRID), interpolation=cv2.INTER_AREA)
+    small = cv2.blur(small, (3, 3), borderType=cv2.BORDER_CONSTANT)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def draw_au_map(points: np.ndarray, aus: tuple[int, ...], size: int) -> np.ndarray | None:
+    """The softened AU map (float32 [size, size] in [0, 1]) of ``aus`` on 68 landmarks ``points`` (pixels), or
+    None when there is nothing to draw (no AUs, or every ellipse falls outside the image).
+
+    Example:
+        >>> from fer_bench.data.synthfer import mean_face_landmarks
+        >>> m = draw_au_map(mean_face_landmarks() * 64, CODEBOOK["happiness"], 64)
+        >>> m.shape, float(m.max()), float(m[:16].max()) < 0.05  # mouth and cheeks, nothing on the forehead
+        ((64, 64), 1.0, True)
+    """
+    if not aus:
+        return None
+    points = np.asarray(points, dtype=np.float64).reshape(68, 2)
+    angle = _roll(points)
+    out = np.zeros((size, size), np.float32)
+    for au in aus:
+        canvas = np.zeros((size, size), np.float32)
+        for (cx, cy), (a, b) in au_ellipses(points, au, size):
+            cv2.ellipse(canvas, ((cx, cy), (2 * a, 2 * b), angle), 1.0, -1, lineType=cv2.LINE_AA)
+        if canvas.max() > 0:
+            np.maximum(out, _soften(canvas), out=out)
+    low, high = float(out.min()), float(out.max())
+    if high <= 0:
+        return None
+    return (out - low) / (high - low) if high > low else out / high
+
+
+def template_landmarks(height: int, width: int | None = None) -> np.ndarray:
+    """The mean 68-point face (:func:`fer_bench.data.synthfer.mean_face_landmarks`) placed as in an aligned crop of
+    ``height`` x ``width`` px: the eyes at about 45 % of the height, 37 % of the width apart."""
+    from fer_bench.data.synthfer import mean_face_landmarks
+
+    return mean_face_landmarks() * np.array([width or height, height], dtype=np.float64)
+
+
+_FIVE_FROM_68 = ((36, 42), (42, 48), (30, 31), (48, 49), (54, 55))  # eye centres, nose tip, mouth corners
+
+
+def five_point(points68: np.ndarray) -> np.ndarray:
+    """The 5 points (image-left eye, image-right eye, nose, left and right mouth corner) of 68 landmarks."""
+    p = np.asarray(points68, dtype=np.float64)
+    return np.stack([p[a:b].mean(axis=0) for a, b in _FIVE_FROM_68])
+
+
+def fit_template(points5: np.ndarray, size: int = 1) -> np.ndarray:
+    """68 landmarks from 5: the mean template moved by the least-squares similarity (Umeyama) onto ``points5``.
+
+    Example:
+        >>> t = template_landmarks(100)
+        >>> bool(np.allclose(fit_template(five_point(t) * 2 + 3), t * 2 + 3))
+        True
+    """
+    src = five_point(template_landmarks(size))
+    dst = np.asarray(points5, dtype=np.float64).reshape(5, 2)
+    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
+    s, d = src - mu_s, dst - mu_d
+    u, sigma, vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
+    rotation = u @ sign @ vt
+    scale = float(np.trace(np.diag(sigma) @ sign) / (s**2).sum() * len(src))
+    return (template_landmarks(size) - mu_s) @ (scale * rotation).T + mu_d
+
+
+def landmarks68(points: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """68 landmarks from whatever a dataset gives (68 points, 5 points or none) and the :data:`MAP_SOURCES` code."""
+    if points is None or len(points) == 0:
+        return None, 0
+    if len(points) == 68:
+        return np.asarray(points, dtype=np.float64), 1
+    if len(points) == 5:
+        return fit_template(points), 2
+    return None, 0
+
+
+def template_au_map(aus: tuple[int, ...], size: int) -> np.ndarray | None:
+    """The map of ``aus`` drawn on the mean template: the per-class map for datasets without landmarks."""
+    return draw_au_map(template_landmarks(size), aus, size)
+
+
+def expression_aus(expression: str, *, generic: bool = False) -> tuple[int, ...]:
+    """The AUs to draw for a sample of ``expression`` (none for neutral/contempt; all codebook AUs if generic)."""
+    aus = CODEBOOK.get(expression, ())
+    return GENERIC_AUS if generic and aus else aus
