@@ -75,6 +75,45 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "plain_noisy": ("noisy", {}),
     "anchors_noisy": ("noisy", {"model.heads": {"anchors": {}}}),
 }
+# Follow-ups (``--followup``): one change at a time, to find out why a head misses its target. name -> question.
+FOLLOWUPS: dict[str, tuple[str, dict, str]] = {
+    "occlusion_no_recon": (
+        "clean",
+        {"model.heads": {"occlusion": {"recon_weight": 0.0}}},
+        "does pixel reconstruction from the final tokens (the ones the classifier pools) cost accuracy?",
+    ),
+    "occlusion_no_mask": (
+        "clean",
+        {"model.heads": {"occlusion": {"threshold": 1.0, "teacher_forcing": False}}},
+        "with nothing ever masked (occluders, detector and consistency only), is the mask token the problem?",
+    ),
+    "occlusion_layer2": (
+        "clean",
+        {"model.heads": {"occlusion": {"layer": 2}}},
+        "mask tokens after block 3 of 4 instead of block 2: does masking later help?",
+    ),
+    "anchors_attached_confidence": (
+        "noisy",
+        {"model.heads": {"anchors": {"detach_confidence": False}}},
+        "gradient through the confidence that mixes p̂ (as ARBEx's code): can the model lower the loss by flattening p?",
+    ),
+    "anchors_test_correction": (
+        "noisy",
+        {"model.heads": {"anchors": {"test_correction": True}}},
+        "predict with the corrected distribution the head trains (c(p)·p + (1 − c(p))·g) instead of p alone",
+    ),
+    "anchors_delta8": (
+        "noisy",
+        {"model.heads": {"anchors": {"delta": 8.0}}},
+        "δ = 8 (≈ √D) instead of 1: a soft anchor distribution g instead of a near one-hot nearest anchor",
+    ),
+    "anchors_no_separation": (
+        "noisy",
+        {"model.heads": {"anchors": {"separation_weight": 0.0}}},
+        "without the separation term (margin 1·√D pushes the anchors apart from the class means)",
+    ),
+}
+CONFIGS |= {name: (data, changes) for name, (data, changes, _) in FOLLOWUPS.items()}
 
 
 def datasets(work: Path, *, n_train: int, n_val: int, n_test: int, size: int) -> dict[str, Path]:
@@ -131,7 +170,7 @@ def recipe_for(name: str, seed: int, *, root: Path, work: Path, epochs: int, wei
     recipe["model"]["pretrained"] = str(weights) if weights else False
     recipe["name"] = f"{name}-s{seed}"
     recipe["data"]["root"] = str(root)
-    recipe["optim"]["epochs"] = epochs
+    recipe["optim"]["epochs"] = epochs  # a config may change it below
     recipe["runtime"]["seed"] = seed
     recipe["tracking"] = {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "heads_ablation"}
     recipe["output_dir"] = str(work / "runs" / f"{name}-s{seed}")
@@ -162,6 +201,7 @@ def run_one(name: str, seed: int, *, roots: dict[str, Path], work: Path, epochs:
     figures = {
         "config": name,
         "seed": seed,
+        "git": git_sha()[:10],
         "train_seconds": round(seconds, 1),
         "best_epoch": result.best_epoch,
         "acc": test["metrics"]["acc"],
@@ -280,8 +320,8 @@ def write_table(figures: list[dict], path: Path, *, args, total_seconds: float) 
         "",
         "## Runs",
         "",
-        "| config | seed | best epoch | test acc | ATT-COS | occluded acc | detect F1 | acc (last) | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | seed | best epoch | test acc | ATT-COS | occluded acc | detect F1 | acc (last) | train s | git |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(f: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
@@ -291,7 +331,35 @@ def write_table(figures: list[dict], path: Path, *, args, total_seconds: float) 
         lines.append(
             f"| {f['config']} | {f['seed']} | {f['best_epoch']} | {cell(f, 'acc', 100, 1)} | {cell(f, 'att_cos')} | "
             f"{cell(f, 'occluded_acc', 100, 1)} | {cell(f, 'detect_f1')} | {cell(f, 'acc_last', 100, 1)} | "
-            f"{f['train_seconds']:.0f} |"
+            f"{f['train_seconds']:.0f} | {f.get('git', '1d01e10749')} |"
+        )
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(path, text)
+    return text
+
+
+def write_followup(figures: list[dict], path: Path, *, args, total_seconds: float) -> str:
+    """The follow-up runs: each config's question and its figures (same settings as the main table)."""
+    lines = [
+        "# Heads ablation: follow-ups",
+        "",
+        f"Produced by `benchmarks/heads_ablation.py --followup` on {time.strftime('%Y-%m-%d')}, git {git_sha()}, "
+        f"{total_seconds / 60:.0f} min; the settings of `heads_ablation.md` (same data, upstream backbone, "
+        f"{args.epochs} epochs unless a config says otherwise), seeds {sorted({f['seed'] for f in figures})}.",
+        "",
+        "| config | question | seed | test acc % | occluded acc % | detect F1 | acc % (last epoch) | git |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        question = FOLLOWUPS.get(f["config"], ("", {}, ""))[2]
+
+        def cell(key: str, scale: float = 100.0, digits: int = 1, f=f) -> str:
+            value = f.get(key)
+            return f"{value * scale:.{digits}f}" if value is not None and not math.isnan(value) else "—"
+
+        lines.append(
+            f"| {f['config']} | {question} | {f['seed']} | {cell('acc')} | {cell('occluded_acc')} | "
+            f"{cell('detect_f1', 1.0, 3)} | {cell('acc_last')} | {f.get('git', '')} |"
         )
     text = "\n".join(lines) + "\n"
     atomic_write_text(path, text)
@@ -309,9 +377,16 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=500)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64, help="SynthFER render size")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
+    parser.add_argument(
+        "--followup",
+        action="store_true",
+        help="run follow-up configs (default: all of them) and write heads_ablation_followup.md next to --results",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: checks the script runs")
     args = parser.parse_args()
+    main_configs = [name for name in CONFIGS if name not in FOLLOWUPS]
+    args.configs = args.configs or (list(FOLLOWUPS) if args.followup else main_configs)
     if args.quick:
         args.epochs, args.pretrain_epochs, args.n_train, args.n_val, args.n_test = 2, 1, 256, 64, 128
         if args.results == parser.get_default("results"):
@@ -326,7 +401,12 @@ def main() -> None:
         for name in args.configs
         for seed in args.seeds
     ]
-    print(write_table(figures, args.results, args=args, total_seconds=time.time() - t0))
+    if args.followup:
+        args.results = args.results.with_name("heads_ablation_followup.md")
+        text = write_followup(figures, args.results, args=args, total_seconds=time.time() - t0)
+    else:
+        text = write_table(figures, args.results, args=args, total_seconds=time.time() - t0)
+    print(text)
     print(f"written: {args.results}")
 
 

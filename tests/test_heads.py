@@ -287,7 +287,7 @@ def test_separation_term_is_bounded_and_arbex_term_is_not():
         head.anchors.copy_(torch.randn_like(head.anchors) * 1000)
     head.set_progress(0.5)
     out = head(torch.randn(4, 4), torch.randn(4, 3))
-    assert float(head.losses(out, {"label": torch.tensor([0, 1, 2, 0])})["anchor_separation"]) < -1e5
+    assert float(head.losses(out, {"label": torch.tensor([0, 1, 2, 0])})["anchor_separation"].detach()) < -1e5
 
 
 def test_test_time_correction_is_optional():
@@ -465,3 +465,74 @@ def test_cli_bad_head_option_is_one_line_exit_2(tiny_synthfer, tmp_path):
     result = CliRunner().invoke(app, ["train", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "model.heads.occlusion.layer=7" in result.output and "Traceback" not in result.output
+
+
+def test_arbex_mode_uses_batch_attention_and_class_weights():
+    from fer_bench.models.heads import HeadContext
+
+    head = AnchorHead(HeadContext("vit", 3, 8, 32, (8,), ((2, 2),)), mode="arbex")
+    assert head.attention is not None and head.class_weighted and bool(head.initialised)
+    head.set_class_weights(torch.tensor([10, 5, 1]))
+    assert torch.allclose(head.class_weights, torch.tensor([16 / 30, 16 / 15, 16 / 3]))
+    head.train()
+    head.set_progress(0.5)
+    out = head(torch.randn(6, 8), torch.randn(6, 3))
+    assert torch.allclose(out["train_logits"].exp().sum(1), torch.ones(6), atol=1e-5)
+    # the correction of sample 0 depends on the other samples of the batch (ARBEx's batch attention)
+    a = head(torch.cat([torch.ones(1, 8), torch.zeros(5, 8)]), torch.zeros(6, 3))["train_logits"][0]
+    b = head(torch.cat([torch.ones(1, 8), 5 * torch.ones(5, 8)]), torch.zeros(6, 3))["train_logits"][0]
+    assert not torch.allclose(a, b)
+
+
+def test_one_class_detector_flags_tokens_unlike_the_clean_ones():
+    model = create_model(VIT[0], num_classes=8, img_size=32, heads={"occlusion": {"detector": "one_class"}}, **VIT[1])
+    head = model.heads["occlusion"]
+    model.eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert not out["occlusion_flags"].any() or float(head.clean_seen) > 0  # never fitted: flags nothing
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(8, 3, 32, 32) * 0.1, reconstruct=False)  # clean images: statistics only
+    assert math.isfinite(float(head.score_threshold)) and float(head.clean_seen) == 40
+    model.eval()
+    clean = torch.randn(4, 3, 32, 32) * 0.1
+    occluded = clean.clone()
+    occluded[:, :, :16, :16] = 8.0  # a bright block over the top-left 2 x 2 patches
+    flags_clean = model(clean)["occlusion_flags"]
+    flags_occluded = model(occluded)["occlusion_flags"]
+    assert flags_occluded[:, :2, :2].float().mean() > 0.9
+    assert flags_clean.float().mean() < 0.2
+
+
+def test_occluder_augmentation_without_the_head_and_cli_eval_prints_head_metrics(tiny_synthfer, tmp_path):
+    from typer.testing import CliRunner
+
+    from fer_bench.cli import app
+
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"tracking.enabled": False, "optim.epochs": 1})
+    recipe["data"]["augment"] = {"occluders": 1.0}
+    recipe["model"]["heads"] = {"anchors": {"test_correction": True}}
+    result = fit(recipe_from_dict(recipe))
+    assert result.test_results["config"]["heads"]["anchors"]["test_correction"] is True
+    report = (result.output_dir / "eval" / "report.md").read_text()
+    assert "- head anchors: mode fer_bench" in report and "test_correction True" in report
+    checkpoint = result.output_dir / "best.pt"
+    args = f"eval --dataset synthfer --root {tiny_synthfer} --checkpoint {checkpoint} --bootstrap 0 --no-tracking"
+    cli = CliRunner().invoke(app, args.split(), env={"COLUMNS": "200"})
+    assert cli.exit_code == 0, cli.output
+    assert "AU attention: ATT-COS" in cli.output  # any model on SynthFER is probed against the rendered AU regions
+
+
+def test_detached_confidence_cannot_be_lowered_to_hand_samples_to_the_anchors():
+    p_logits = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)
+    g = torch.tensor([[0.0, 1.0, 0.0]])  # the anchors say class 1; the (sure) classifier says class 0
+    label = torch.tensor([1])
+    grads = {}
+    for detach in (True, False):
+        p = torch.softmax(p_logits, dim=1)
+        loss = torch.nn.functional.nll_loss(torch.log(corrected_distribution(p, g, detach_confidence=detach)), label)
+        grads[detach] = torch.autograd.grad(loss, p_logits)[0]
+    # Only through the confidence does flattening p (lowering logit 0 *and* raising logit 2, the wrong class) pay.
+    assert grads[True][0, 2] > 0 and grads[False][0, 2] < 0

@@ -727,6 +727,7 @@ def _report_md(results: dict[str, Any]) -> str:
         + (f", perturbation {results['config']['perturb']}" if results["config"].get("perturb") else ""),
         f"- fer_bench {results['fer_bench_version']} (git {str(results.get('git_sha', '-'))[:10]}), "
         f"{results['created']}",
+        *_head_lines(results["config"].get("heads")),
         *_cross_dataset_lines(results.get("cross_dataset")),
         "",
         f"| metric | value | 95 % CI ({boot.get('n_resamples', 0)} bootstrap resamples, seed {boot.get('seed')}) |",
@@ -845,6 +846,14 @@ def _report_md(results: dict[str, Any]) -> str:
             for value, r in table.items():
                 lines.append(f"| {column} | {value} | {r['n']} | {r['acc']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _head_lines(heads: dict | None) -> list[str]:
+    """One report line per model head with its effective settings (e.g. whether anchors correct at test time)."""
+    return [
+        f"- head {name}: " + ", ".join(f"{key} {value}" for key, value in settings.items())
+        for name, settings in (heads or {}).items()
+    ]
 
 
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:

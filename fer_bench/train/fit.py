@@ -432,8 +432,9 @@ def fit(
     if anchors is not None and anchors.class_weighted:
         anchors.set_class_weights(torch.bincount(torch.as_tensor(train_set.labels), minlength=len(label_names)))
         class_weights = anchors.class_weights
-    if model.heads:
-        cb.message(f"heads: {describe_heads(model, train_set)}")
+    heads_text = describe_heads(model, train_set) if model.heads else ""
+    if heads_text:
+        cb.message(f"heads: {heads_text}")
     optimizer = build_optimizer(
         model, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay
     )
@@ -488,6 +489,7 @@ def fit(
                 "layout": info.layout,
                 "protocol": info.protocol,
                 "backbone": recipe.model.backbone,
+                "heads": heads_text or "none",
                 **env,
             }
         )

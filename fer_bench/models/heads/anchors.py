@@ -9,6 +9,11 @@ the classifier, d_{k,j} = ‖e − a_{k,j}‖₂ and s = softmax over all C·K a
 * corrected p̂ = c(p)·p + (1 − c(p))·g — where the classifier is unsure, trust the geometry of the embedding;
 * trained distribution p_final = (1 − τ)·p + τ·p̂, the trust τ ramping linearly from 0 (end of warm-up) to 1.
 
+The confidence that mixes p̂ is a constant gate (``detach_confidence``, default true; ARBEx's code lets gradient
+through it): otherwise the cheapest way to lower the loss on a sample whose anchor distribution beats the classifier
+is to make p *flatter* (lower c(p) hands the sample to g), and the classifier — which makes the test-time
+prediction — unlearns. ``benchmarks/results/heads_ablation_followup.md`` measures both.
+
 Losses: cross-entropy on p_final (``class_weighted``: weights N / (C·n_k), as ARBEx), plus τ·(``center_weight`` ·
 L_center + ``separation_weight`` · L_sep) with L_center = mean_i c(p_i)·min_j d(e_i, a_{y_i,j}) / √D (confidence
 detached, so the model cannot lower it to shrink the loss) and the bounded separation
@@ -30,7 +35,7 @@ c(p)·p + (1 − c(p))·g. Evaluation reports record which.
 Options (recipe ``model.heads.anchors``): ``anchors_per_class`` (K, 1), ``dim`` (reduction width, null = none),
 ``delta`` (δ, 1.0), ``warmup`` (fraction of training before anchors are initialised, 0.1), ``center_weight`` (1.0),
 ``separation_weight`` (1.0), ``margin`` (1.0), ``class_weighted`` (false), ``test_correction`` (false),
-``mode`` (``fer_bench`` | ``arbex``).
+``mode`` (``fer_bench`` | ``arbex``), ``detach_confidence`` (null: true, false in ``arbex`` mode).
 """
 
 from __future__ import annotations
@@ -70,8 +75,10 @@ def anchor_distribution(distances: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.softmax(-distances.reshape(b, c * k) / delta, dim=1).reshape(b, c, k).sum(dim=2)
 
 
-def corrected_distribution(p: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
-    """p̂ = c(p)·p + (1 − c(p))·correction, row-wise.
+def corrected_distribution(
+    p: torch.Tensor, correction: torch.Tensor, *, detach_confidence: bool = False
+) -> torch.Tensor:
+    """p̂ = c(p)·p + (1 − c(p))·correction, row-wise; with ``detach_confidence`` c(p) is a constant gate (no gradient).
 
     Example:
         >>> p = torch.tensor([[0.5, 0.5]]); g = torch.tensor([[0.9, 0.1]])
@@ -79,6 +86,7 @@ def corrected_distribution(p: torch.Tensor, correction: torch.Tensor) -> torch.T
         [[0.8999999761581421, 0.10000000149011612]]
     """
     c = confidence(p).unsqueeze(-1)
+    c = c.detach() if detach_confidence else c
     return c * p + (1 - c) * correction
 
 
@@ -131,6 +139,7 @@ class AnchorHead(nn.Module):
         class_weighted: bool = False,
         test_correction: bool = False,
         mode: str = "fer_bench",
+        detach_confidence: bool | None = None,
     ) -> None:
         super().__init__()
         opt = "model.heads.anchors."
@@ -149,6 +158,7 @@ class AnchorHead(nn.Module):
         self.margin = check_range(opt + "margin", margin, 0.0)
         self.class_weighted = bool(class_weighted) or mode == "arbex"
         self.test_correction = bool(test_correction)
+        self.detach_confidence = (mode != "arbex") if detach_confidence is None else bool(detach_confidence)
         self.num_classes = context.num_classes
         self.reduce = nn.Linear(context.embed_dim, dim) if dim else nn.Identity()
         self.dim = dim or context.embed_dim
@@ -168,6 +178,7 @@ class AnchorHead(nn.Module):
             "dim": self.dim,
             "delta": self.delta,
             "test_correction": self.test_correction,
+            "detach_confidence": self.detach_confidence,
         }
 
     @property
@@ -210,7 +221,7 @@ class AnchorHead(nn.Module):
             cg, ca = confidence(g).unsqueeze(1), confidence(alpha).unsqueeze(1)
             correction = (cg * g + ca * alpha) / (cg + ca).clamp_min(1e-6)
         tau = self.trust if self.training else 1.0
-        final = (1 - tau) * p + tau * corrected_distribution(p, correction)
+        final = (1 - tau) * p + tau * corrected_distribution(p, correction, detach_confidence=self.detach_confidence)
         out = {"anchor_embedding": e, "anchor_distances": distances, "anchor_distribution": g, "probs": p}
         if self.training:
             out["train_logits"] = torch.log(final.clamp_min(1e-12))
