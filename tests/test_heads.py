@@ -391,7 +391,7 @@ def test_each_head_trains_and_its_losses_decrease(tiny_synthfer, backbone, head)
         optimizer.zero_grad()
         sum(terms.values()).backward()
         optimizer.step()
-        history.append({k: float(v) for k, v in terms.items()})
+        history.append({k: float(v.detach()) for k, v in terms.items()})
         if head == "anchors":  # the centre term is confidence-weighted: the distance itself must shrink
             nearest = outputs["anchor_distances"][torch.arange(16), batch["label"]].amin(dim=1).mean()
             history[-1]["nearest_true_anchor"] = float(nearest)

@@ -147,8 +147,6 @@ class FaceDataset(Dataset):
         self.occlusion_augment = occlusion_augment
         self.occluder_kinds = check_occluder_kinds(occluder_kinds)
         self.au_regions, self.au_columns = au_regions, tuple(au_columns)
-        if heatmaps in ("codebook", "generic") and "landmarks" in rows.columns:
-            return_landmarks = True
         self.rows = rows.reset_index(drop=True)
         self.root = Path(root)
         self.transform = transform
