@@ -92,6 +92,16 @@ FOLLOWUPS: dict[str, tuple[str, dict, str]] = {
         {"model.heads": {"occlusion": {"layer": 2}}},
         "mask tokens after block 3 of 4 instead of block 2: does masking later help?",
     ),
+    "au_token_norm": (
+        "clean",
+        {"model.heads": {"au_heatmap": {"attention": "token_norm"}}},
+        "align the per-token L2 norm of the last block instead of its channel mean (plain model probed alike)",
+    ),
+    "au_cls_attention": (
+        "clean",
+        {"model.heads": {"au_heatmap": {"attention": "cls_attention"}}},
+        "align the class-token → patch attention of the last block (plain model probed alike)",
+    ),
     "anchors_attached_confidence": (
         "noisy",
         {"model.heads": {"anchors": {"detach_confidence": False}}},
@@ -208,7 +218,19 @@ def run_one(name: str, seed: int, *, roots: dict[str, Path], work: Path, epochs:
     }
     attention = test.get("heads", {}).get("au_attention")
     if attention:
-        figures |= {"att_cos": attention["att_cos"], "cam_cos": attention["cam_cos"]}
+        probe = [attention["attention"], attention["layer"]]
+        figures |= {"att_cos": attention["att_cos"], "cam_cos": attention["cam_cos"], "att_probe": probe}
+        has_head = "au_heatmap" in CONFIGS[name][1].get("model.heads", {})
+        plain = run_one("plain", seed, roots=roots, work=work, epochs=epochs, weights=weights) if has_head else {}
+        if plain and plain.get("att_probe") != probe:
+            # the plain model of the same seed, probed with this head's attention: the "without" side for this probe
+            model = model_from_checkpoint(load_checkpoint(work / "runs" / f"plain-s{seed}" / "best.pt"))
+            model.attention_probe = tuple(probe)
+            info = get_dataset("synthfer", roots["clean"])
+            names = tuple(info.label_space.names)
+            scored = evaluate(model, info, split="test", img_size=64, label_names=names, n_bootstrap=0)
+            figures["plain_att_cos"] = scored["heads"]["au_attention"]["att_cos"]
+            figures["plain_acc"] = plain["acc"]
     if CONFIGS[name][0] == "noisy":
         last = model_from_checkpoint(load_checkpoint(out / "last.pt"))
         info = get_dataset("synthfer", roots["noisy"])
@@ -347,9 +369,19 @@ def write_followup(figures: list[dict], path: Path, *, args, total_seconds: floa
         f"{total_seconds / 60:.0f} min; the settings of `heads_ablation.md` (same data, upstream backbone, "
         f"{args.epochs} epochs unless a config says otherwise), seeds {sorted({f['seed'] for f in figures})}.",
         "",
-        "| config | question | seed | test acc % | occluded acc % | detect F1 | acc % (last epoch) | git |",
-        "|---|---|---|---|---|---|---|---|",
+        "ATT-COS: against the rendered AU regions, with the attention the run's head aligns (the plain model of the "
+        "same seed probed with that same attention in the next column).",
+        "",
+        "| config | question | seed | test acc % | ATT-COS | plain ATT-COS (same probe) | occluded acc % | detect F1 "
+        "| acc % (last epoch) | git |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def probe_cell(key: str, f: dict) -> str:
+        if f.get(key) is None or "au_heatmap" not in CONFIGS[f["config"]][1].get("model.heads", {}):
+            return "—"
+        return f"{f[key]:.3f}" + (f" ({f['att_probe'][0]}, layer {f['att_probe'][1]})" if key == "att_cos" else "")
+
     for f in figures:
         question = FOLLOWUPS.get(f["config"], ("", {}, ""))[2]
 
@@ -358,7 +390,8 @@ def write_followup(figures: list[dict], path: Path, *, args, total_seconds: floa
             return f"{value * scale:.{digits}f}" if value is not None and not math.isnan(value) else "—"
 
         lines.append(
-            f"| {f['config']} | {question} | {f['seed']} | {cell('acc')} | {cell('occluded_acc')} | "
+            f"| {f['config']} | {question} | {f['seed']} | {cell('acc')} | {probe_cell('att_cos', f)} | "
+            f"{probe_cell('plain_att_cos', f)} | {cell('occluded_acc')} | "
             f"{cell('detect_f1', 1.0, 3)} | {cell('acc_last')} | {f.get('git', '')} |"
         )
     text = "\n".join(lines) + "\n"
@@ -381,7 +414,8 @@ def main() -> None:
     parser.add_argument(
         "--followup",
         action="store_true",
-        help="run follow-up configs (default: all of them) and write heads_ablation_followup.md next to --results",
+        help="run follow-up configs (default: all of them); the table goes to --results if given, else to "
+        "heads_ablation_followup.md next to the main table",
     )
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: checks the script runs")
     args = parser.parse_args()
@@ -402,7 +436,8 @@ def main() -> None:
         for seed in args.seeds
     ]
     if args.followup:
-        args.results = args.results.with_name("heads_ablation_followup.md")
+        if args.results.name == "heads_ablation.md":  # the default (or --quick's): not over the main table
+            args.results = args.results.with_name("heads_ablation_followup.md")
         text = write_followup(figures, args.results, args=args, total_seconds=time.time() - t0)
     else:
         text = write_table(figures, args.results, args=args, total_seconds=time.time() - t0)

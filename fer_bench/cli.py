@@ -221,7 +221,8 @@ def _print_results(results: dict, paths: dict) -> None:
     if heads.get("au_attention"):
         au = heads["au_attention"]
         stdout.print(
-            f"AU attention: ATT-COS {au['att_cos']:.4f}, CAM-COS {au['cam_cos']:.4f} ({au['n_maps']} AU maps)",
+            f"AU attention ({au['attention']}, layer {au['layer']}): ATT-COS {au['att_cos']:.4f}, "
+            f"CAM-COS {au['cam_cos']:.4f} ({au['n_maps']} {au['map_source']} AU maps)",
             highlight=False,
         )
     if heads.get("occlusion_detection"):

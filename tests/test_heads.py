@@ -25,6 +25,7 @@ from fer_bench.data.au_maps import (
 )
 from fer_bench.data.occluders import draw_occluder
 from fer_bench.errors import ConfigError
+from fer_bench.eval import evaluate
 from fer_bench.eval.head_metrics import map_cosine
 from fer_bench.models import create_model
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
@@ -394,7 +395,7 @@ def test_each_head_trains_and_its_losses_decrease(tiny_synthfer, backbone, head)
         history.append({k: float(v.detach()) for k, v in terms.items()})
         if head == "anchors":  # the centre term is confidence-weighted: the distance itself must shrink
             nearest = outputs["anchor_distances"][torch.arange(16), batch["label"]].amin(dim=1).mean()
-            history[-1]["nearest_true_anchor"] = float(nearest)
+            history[-1]["nearest_true_anchor"] = float(nearest.detach())
     expected = {
         "au_heatmap": ["au_align", "ce"],
         "anchors": ["nearest_true_anchor", "ce"],
@@ -522,7 +523,21 @@ def test_occluder_augmentation_without_the_head_and_cli_eval_prints_head_metrics
     args = f"eval --dataset synthfer --root {tiny_synthfer} --checkpoint {checkpoint} --bootstrap 0 --no-tracking"
     cli = CliRunner().invoke(app, args.split(), env={"COLUMNS": "200"})
     assert cli.exit_code == 0, cli.output
-    assert "AU attention: ATT-COS" in cli.output  # any model on SynthFER is probed against the rendered AU regions
+    # any model on SynthFER is probed against the rendered AU regions, by default as the head would attend
+    assert "AU attention (channel_mean, layer 1): ATT-COS" in cli.output and "truth AU maps" in cli.output
+    # a probe chosen by the caller is kept (to compare a plain model with a head trained on another attention)
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    info = get_dataset("synthfer", tiny_synthfer)
+    names = tuple(info.label_space.names)
+    scores = {}
+    for probe in (None, ("token_norm", 0)):
+        model.attention_probe = probe
+        scored = evaluate(model, info, split="test", img_size=32, label_names=names, n_bootstrap=0)
+        scores[probe] = scored["heads"]["au_attention"]
+        assert model.attention_probe == probe  # restored after evaluation
+    assert (scores[None]["attention"], scores[None]["layer"]) == ("channel_mean", 1)
+    assert (scores[("token_norm", 0)]["attention"], scores[("token_norm", 0)]["layer"]) == ("token_norm", 0)
+    assert scores[None]["att_cos"] != scores[("token_norm", 0)]["att_cos"]
 
 
 def test_detached_confidence_cannot_be_lowered_to_hand_samples_to_the_anchors():

@@ -467,6 +467,7 @@ def evaluate(
         rows = info.split(split)
     rows, scored, cross = align_rows(rows, info, tuple(label_names))
     transform = create_transform(train=False, img_size=img_size)
+    probe = getattr(model, "attention_probe", None)  # head_metric_hooks may set one; put the caller's back after
     auto_hooks, data_options = head_metric_hooks(model, info, rows, label_names) if head_metrics else ([], {})
     hooks = list(hooks or []) + auto_hooks
 
@@ -513,7 +514,6 @@ def evaluate(
         seed=seed,
         min_group_size=min_group_size,
     )
-    probe = getattr(model, "attention_probe", None)
     try:
         clean = score(probs=run(None), **common)
     finally:
@@ -688,6 +688,8 @@ def _group_recall_png(path: Path, results: dict[str, Any]) -> None:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 

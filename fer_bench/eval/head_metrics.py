@@ -76,12 +76,16 @@ class AttentionCosineHook(EvalHook):
             self.cam_sum[label] += c
             self.count[label] += 1
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, float | int | str]:
         has = self.count > 0
-        out: dict[str, float] = {
+        out: dict[str, float | int | str] = {
             "att_cos": float(np.mean(self.att_sum[has] / self.count[has])) if has.any() else float("nan"),
             "cam_cos": float(np.mean(self.cam_sum[has] / self.count[has])) if has.any() else float("nan"),
             "n_maps": int(self.count.sum()),
+            # what was measured, so that two ATT-COS figures are only compared when these agree
+            "attention": self.attention,
+            "layer": int(self.layer),
+            "map_source": self.map_source,
         }
         for k in np.flatnonzero(has):
             out[f"att_cos/{self.label_names[k]}"] = float(self.att_sum[k] / self.count[k])

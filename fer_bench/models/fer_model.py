@@ -42,11 +42,13 @@ class FerModel(nn.Module):
 
     def probe_attention(self) -> tuple[str, int]:
         """Make ``forward`` report attention maps as the ``au_heatmap`` head would (its settings if present, else
-        its defaults), for ATT-COS of any model; returns (kind, layer). Reset with ``attention_probe = None``."""
+        a probe set beforehand as ``attention_probe = (kind, layer)``, else the head's defaults), for ATT-COS of any
+        model; returns (kind, layer). Reset with ``attention_probe = None``."""
         au = self.head("au_heatmap")
         if au is not None:
             return au.attention, au.layer
-        self.attention_probe = ("channel_mean", default_attention_layer(self.family, num_layers(self.backbone)))
+        if self.attention_probe is None:
+            self.attention_probe = ("channel_mean", default_attention_layer(self.family, num_layers(self.backbone)))
         return self.attention_probe
 
     def head_config(self) -> dict[str, dict]:
