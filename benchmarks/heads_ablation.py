@@ -230,7 +230,6 @@ def run_one(name: str, seed: int, *, roots: dict[str, Path], work: Path, epochs:
             names = tuple(info.label_space.names)
             scored = evaluate(model, info, split="test", img_size=64, label_names=names, n_bootstrap=0)
             figures["plain_att_cos"] = scored["heads"]["au_attention"]["att_cos"]
-            figures["plain_acc"] = plain["acc"]
     if CONFIGS[name][0] == "noisy":
         last = model_from_checkpoint(load_checkpoint(out / "last.pt"))
         info = get_dataset("synthfer", roots["noisy"])
@@ -372,18 +371,20 @@ def write_followup(figures: list[dict], path: Path, *, args, total_seconds: floa
         "ATT-COS: against the rendered AU regions, with the attention the run's head aligns (the plain model of the "
         "same seed probed with that same attention in the next column).",
         "",
-        "| config | question | seed | test acc % | ATT-COS | plain ATT-COS (same probe) | occluded acc % | detect F1 "
-        "| acc % (last epoch) | git |",
+        "| config | question | seed | test acc % | ATT-COS | plain model: ATT-COS (same probe) / acc % "
+        "| occluded acc % | detect F1 | acc % (last epoch) | git |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def probe_cell(key: str, f: dict) -> str:
         if f.get(key) is None or "au_heatmap" not in CONFIGS[f["config"]][1].get("model.heads", {}):
             return "—"
-        return f"{f[key]:.3f}" + (f" ({f['att_probe'][0]}, layer {f['att_probe'][1]})" if key == "att_cos" else "")
+        if key == "att_cos":
+            return f"{f[key]:.3f} ({f['att_probe'][0]}, layer {f['att_probe'][1]})"
+        return f"{f[key]:.3f} / {f['plain_acc'] * 100:.1f}"
 
     for f in figures:
-        question = FOLLOWUPS.get(f["config"], ("", {}, ""))[2]
+        question = FOLLOWUPS.get(f["config"], ("", {}, "as in the main table"))[2]
 
         def cell(key: str, scale: float = 100.0, digits: int = 1, f=f) -> str:
             value = f.get(key)
@@ -435,6 +436,13 @@ def main() -> None:
         for name in args.configs
         for seed in args.seeds
     ]
+    for f in figures:  # the "without" side of each au_heatmap run: the plain model of its seed
+        plain_path = args.out / "runs" / f"plain-s{f['seed']}" / "figures.json"
+        if "au_heatmap" in CONFIGS[f["config"]][1].get("model.heads", {}) and plain_path.exists():
+            plain = json.loads(plain_path.read_text())
+            f["plain_acc"] = plain["acc"]
+            if plain.get("att_probe") == f.get("att_probe"):
+                f["plain_att_cos"] = plain["att_cos"]
     if args.followup:
         if args.results.name == "heads_ablation.md":  # the default (or --quick's): not over the main table
             args.results = args.results.with_name("heads_ablation_followup.md")
