@@ -365,7 +365,9 @@ def write_followup(figures: list[dict], path: Path, *, args, total_seconds: floa
         "# Heads ablation: follow-ups",
         "",
         f"Produced by `benchmarks/heads_ablation.py --followup` on {time.strftime('%Y-%m-%d')}, git {git_sha()}, "
-        f"{total_seconds / 60:.0f} min; the settings of `heads_ablation.md` (same data, upstream backbone, "
+        f"{total_seconds / 60:.0f} min this invocation ({sum(f['train_seconds'] for f in figures) / 60:.0f} min of "
+        "training in these rows, cached runs included); the settings of `heads_ablation.md` (same data, upstream "
+        "backbone, "
         f"{args.epochs} epochs unless a config says otherwise), seeds {sorted({f['seed'] for f in figures})}.",
         "",
         "ATT-COS: against the rendered AU regions, with the attention the run's head aligns (the plain model of the "
