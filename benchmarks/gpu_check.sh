@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One short GPU check for the device machine (python3 there has torch, timm, opencv, pandas; the rest travels as
-# wheels in .whl/, see benchmarks/README or the issue note). Runs the real recipes' GPU path and the CUDA leg of the
-# recipe smoke tests. Usage there:  bash benchmarks/gpu_check.sh "$OUT"
-set -euo pipefail
+# One GPU check for the device machine, at most 8 minutes (budget: throughput table ~3 min, a real recipe 2 min of
+# training plus rendering/caching, the 2-process DDP check ~1 min). python3 there has torch, timm, opencv, pandas,
+# torchmetrics; what is missing travels as wheels in .whl/ (albumentations 2.0.8, albucore, mlflow is not needed:
+# every run here sets tracking.enabled=false).   Usage there:  bash benchmarks/gpu_check.sh "$OUT"
+set -uo pipefail
 OUT_DIR=${1:-/tmp/gpu_check}
 mkdir -p "$OUT_DIR"
 if [ -d .whl ]; then
@@ -11,9 +12,16 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no network there (fer_bench sets the latter itself on import)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, timm, albumentations; print('torch', torch.__version__, 'timm', timm.__version__, 'albumentations', albumentations.__version__)"
-python3 benchmarks/gpu_check.py --epochs 2 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_check.log"
-# the real-recipe smoke tests again, now on CUDA (runtime.device=auto picks the GPU)
-python3 -m pytest -q -p no:cacheprovider tests/test_real_recipes.py 2>&1 | tail -3 | tee -a "$OUT_DIR/gpu_check.log"
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 FER_BENCH_CACHE_DIR=/tmp/fer_bench_cache
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+# 1. the throughput table (timm-style rows into benchmarks/results/throughput.csv, copied to $OUT)
+timeout 240 python3 benchmarks/train_throughput.py --device cuda --steps 30 \
+  --models vit_s16 vit_b16 swin_t swin_b --heads none all 2>&1 | tee "$OUT_DIR/throughput.log"
+timeout 150 python3 benchmarks/train_throughput.py --device cuda --steps 30 --models vit_b16 swin_t --heads none \
+  --compile vit_b16 swin_t 2>&1 | tee -a "$OUT_DIR/throughput.log"
+cp benchmarks/results/throughput.csv "$OUT_DIR/" 2>/dev/null
+# 2. a real recipe end to end through the cache, 2 minutes of training
+timeout 210 python3 benchmarks/gpu_check.py recipe --minutes 2 --out "$OUT_DIR" 2>&1 | tail -5 | tee "$OUT_DIR/recipe.log"
+# 3. DDP: 2 processes sharing the GPU (NCCL, else gloo on CUDA tensors) against one process
+timeout 90 python3 benchmarks/gpu_check.py ddp --out "$OUT_DIR" 2>&1 | tail -3 | tee "$OUT_DIR/ddp.log"

@@ -110,11 +110,15 @@ class _CliCallbacks:
     def message(self, text: str) -> None:
         self.progress.console.print(text, highlight=False)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, info="")
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, completed=done, info="")
         self.running = 0.0
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: float | None) -> None:
+        # the loss arrives every runtime.log_every steps: reading it waits for the device
+        if loss is None:
+            self.progress.update(self.task, advance=1)
+            return
         self.running = loss if self.running == 0 else 0.9 * self.running + 0.1 * loss
         self.progress.update(self.task, advance=1, info=f"loss {self.running:.3f}")
 
@@ -132,12 +136,41 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe field: key.path=value (repeatable).")
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from <output_dir>/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <output_dir>/last.pt, at its step.")] = False,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus", min=1, help="Train on N GPUs of this machine: launches torchrun with N processes (DDP)."
+        ),
+    ] = None,
 ) -> None:
-    """Train a model from a recipe; writes checkpoints, summary.csv and an MLflow run, then evaluates on test."""
+    """Train a model from a recipe; writes checkpoints, summary.csv and an MLflow run, then evaluates on test.
+
+    optim.batch_size is the global batch, so a recipe means the same on 1 or N GPUs. Under torchrun
+    (torchrun --nproc-per-node N -m fer_bench train RECIPE, or --gpus N) each process trains its share and only
+    rank 0 writes.
+    """
+    from fer_bench.runtime import launched_by_torchrun
     from fer_bench.train import fit, load_recipe
 
     config = load_recipe(recipe, set_ or [])
+    if gpus is not None and not launched_by_torchrun():
+        import subprocess
+
+        import torch
+
+        from fer_bench.errors import ConfigError
+        from fer_bench.runtime import torchrun_command
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus > available:
+            raise ConfigError(
+                f"--gpus {gpus}: this machine has {available} CUDA device(s). To run N processes on CPUs instead: "
+                f"torchrun --standalone --nproc-per-node N -m fer_bench train {recipe} --set runtime.device=cpu"
+            )
+        args = ["train", str(recipe), *(x for item in set_ or [] for x in ("--set", item))]
+        args += ["--resume"] if resume else []
+        raise typer.Exit(subprocess.call(torchrun_command(gpus, args)))
     with _progress() as progress:
         result = fit(config, resume=resume, callbacks=_CliCallbacks(progress), recipe_path=recipe)
     out = result.output_dir
@@ -260,6 +293,9 @@ def eval_(
         str | None, typer.Option("--tracking-uri", help="MLflow store (default: the training run's, or mlflow.db).")
     ] = None,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="Do not log to MLflow.")] = False,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32 (what reports use) or bf16 autocast on GPUs / AVX-512 BF16 CPUs.")
+    ] = "fp32",
 ) -> None:
     """Score a checkpoint or a submission under a fixed protocol.
 
@@ -287,7 +323,7 @@ def eval_(
         out = out or predictions.parent / f"eval-{protocol.name}"
     else:
         from fer_bench.models.checkpoint import model_from_checkpoint
-        from fer_bench.train.fit import resolve_device
+        from fer_bench.runtime import resolve_device
 
         model = model_from_checkpoint(state)
         device = resolve_device("auto")
@@ -308,6 +344,7 @@ def eval_(
                 seed=seed,
                 min_group_size=min_group_size,
                 progress=lambda k: progress.update(task, advance=k),
+                precision=precision,
             )
         results["checkpoint"] = str(checkpoint)
         out = out or checkpoint.parent / (f"eval-{protocol.name}" + (f"-{perturb}" if perturb else ""))
@@ -351,7 +388,7 @@ def predict_cmd(
     from fer_bench.eval.submission import write_submission
     from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
     from fer_bench.options import parse_key_values
-    from fer_bench.train.fit import resolve_device
+    from fer_bench.runtime import resolve_device
 
     protocol = get_protocol(dataset)
     info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
@@ -674,6 +711,51 @@ def data_describe(
         stdout.print("dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()), highlight=False)
     for note in info.notes:
         stdout.print(f"note: {note}", highlight=False)
+
+
+@data_app.command("cache")
+@_user_errors
+def data_cache(
+    dataset: DatasetName,
+    root: DatasetRoot,
+    option: OptionList = None,
+    size: Annotated[int, typer.Option("--size", min=16, max=1024, help="Side of the cached images in pixels.")] = 256,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Cache folder (default: the one data.cache: auto uses, under $FER_BENCH_CACHE_DIR)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Decoding processes (default: all cores).")
+    ] = None,
+) -> None:
+    """Prepare the uint8 cache of a dataset: decode every image once, in parallel, crop and resize it.
+
+    Writes one NHWC array per split, a parquet table of the rows and cache.yaml. An existing cache is reused when
+    the dataset and the parameters are unchanged, and rebuilt (saying why) otherwise. Train from it with
+    --set data.cache=FOLDER.
+    """
+    from fer_bench.data.cache import auto_cache_dir, cached_dataset
+
+    info, options = _load_dataset(dataset, root, option)
+    folder = out or auto_cache_dir(info.name, root, size=size, options=options)
+    with _progress() as progress:
+        task = progress.add_task(f"caching {dataset}", total=len(info.manifest), info="")
+        cached = cached_dataset(
+            info,
+            cache=str(folder),
+            size=size,
+            options=options,
+            workers=workers,
+            progress=lambda done, _total: progress.update(task, completed=done),
+            message=lambda text: progress.console.print(text, highlight=False, soft_wrap=True),
+        )
+    images = cached.extra("images")
+    gib = len(images) * size * size * 3 / 2**30
+    counts = ", ".join(f"{split} {count}" for split, count in images.counts.items())
+    stdout.print(f"cache {folder}: {counts} ({gib:.2f} GiB at {size} px)", highlight=False)
+    stdout.print(f"train from it: ferbench train RECIPE --set data.cache={folder}", highlight=False)
 
 
 @data_app.command("verify")

@@ -14,6 +14,14 @@ torch.set_num_threads(2)
 TINY_SYNTH = dict(seed=3, size=32, n_train=96, n_val=32, n_test=48)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory) -> Path:
+    """Prepared caches (data.cache: auto) go to a session folder, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("fer_bench_cache")
+    os.environ["FER_BENCH_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_synthfer(tmp_path_factory) -> Path:
     from fer_bench.data import SynthFERConfig, generate_synthfer

@@ -176,9 +176,24 @@ def test_corrupt_image_is_named(tmp_path, tiny_synthfer):
     victim.write_bytes(b"not a png")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(root, tmp_path, **{"optim.epochs": 1})))
-    # Training caches only train/val images; evaluation on test hits the corrupt file.
-    result = runner.invoke(app, ["train", str(recipe)])
+    # Without the prepared cache the images are decoded: evaluation on test hits the corrupt file.
+    result = runner.invoke(app, ["train", str(recipe), "--set", "data.cache=off"])
     _one_line_error(result, victim.name, "cannot decode")
+    # The cache renders SynthFER from its generator and never reads the PNGs, so the same run trains.
+    result = runner.invoke(app, ["train", str(recipe), "--set", f"output_dir={tmp_path / 'cached'}"])
+    assert result.exit_code == 0, result.output
+
+
+def test_corrupt_image_stops_the_cache_build_naming_it(tmp_path):
+    from tests import formats
+
+    root = formats.write_rafdb_official(tmp_path / "raf", per_code_train=3)
+    victim = sorted((root / "basic" / "Image" / "aligned").glob("train_*"))[2]
+    victim.write_bytes(b"\x89PNG broken")
+    out = tmp_path / "cache"
+    result = runner.invoke(app, ["data", "cache", "--dataset", "rafdb", "--root", str(root), "--out", str(out)])
+    _one_line_error(result, victim.name, "cannot decode")
+    assert not out.exists() and not list(tmp_path.glob(".cache.partial*"))  # nothing half-written is left
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -125,3 +125,46 @@ def test_unreachable_tracking_store_does_not_stop_training(tiny_synthfer, tmp_pa
     assert (result.output_dir / "best.pt").is_file()
     warnings = [m for m in messages if "MLflow" in m]
     assert len(warnings) == 1 and "continuing without tracking" in warnings[0]
+
+
+def test_compiled_training_keeps_plain_checkpoint_keys_and_reports_compile_time(tiny_synthfer, tmp_path):
+    from fer_bench.models.checkpoint import model_from_checkpoint
+
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
+    recipe["runtime"] |= {"compile": True, "compile_backend": "eager"}  # eager: tracing without code generation
+    messages = []
+
+    class Collect:
+        def message(self, text):
+            messages.append(text)
+
+        def start_epoch(self, *a):
+            pass
+
+        def step(self, loss):
+            pass
+
+        def end_epoch(self, row):
+            pass
+
+    result = fit(recipe_from_dict(recipe), callbacks=Collect())
+    state = load_checkpoint(result.output_dir / "best.pt")
+    assert not any("_orig_mod" in key for key in state["model"])  # compiled in place: the keys of the module
+    model_from_checkpoint(state)  # loads strictly into an uncompiled model
+    assert any("runtime.compile: the first step took" in m for m in messages)
+    import mlflow
+
+    mlflow.set_tracking_uri(recipe["tracking"]["tracking_uri"])
+    assert "compile_seconds" in mlflow.get_run(result.run_id).data.metrics
+
+
+def test_ema_weights_are_validated_and_kept_in_best(tiny_synthfer, tmp_path):
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 2, "optim.ema_decay": 0.9})
+    result = fit(recipe_from_dict(recipe))
+    last = load_checkpoint(result.output_dir / "last.pt")
+    best = load_checkpoint(result.output_dir / "best.pt")
+    assert last["ema"] is not None
+    name = "backbone.head.weight"
+    assert not torch.equal(last["ema"][name], last["model"][name])  # the average lags the weights
+    if best["global_step"] == last["global_step"]:
+        assert torch.equal(best["model"][name], last["ema"][name])  # best.pt holds what was validated

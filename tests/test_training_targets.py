@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fer_bench.data import get_dataset, with_validation_split
+from fer_bench.data.sampling import epoch_order
 from fer_bench.train import fit, recipe_from_dict
-from fer_bench.train.fit import class_balanced_sampler
 from fer_bench.train.losses import classification_loss
 from tests import formats
 from tests.conftest import tiny_recipe_dict
@@ -37,11 +37,12 @@ def test_fit_trains_on_ferplus_soft_targets(tmp_path, mode):
 
 def test_class_balanced_sampler_draws_classes_evenly():
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
-    drawn = list(class_balanced_sampler(labels, generator=torch.Generator().manual_seed(0)))
+    drawn = epoch_order(len(labels), seed=0, epoch=3, sampler="class_balanced", labels=labels)
     counts = np.bincount(labels[drawn], minlength=3)
     assert len(drawn) == 1000 and counts.min() > 270  # ~333 each, against 900/90/10 in the data
-    again = list(class_balanced_sampler(labels, generator=torch.Generator().manual_seed(0)))
-    assert drawn == again
+    again = epoch_order(len(labels), seed=0, epoch=3, sampler="class_balanced", labels=labels)
+    assert (drawn == again).all()
+    assert not (drawn == epoch_order(len(labels), seed=0, epoch=4, sampler="class_balanced", labels=labels)).all()
 
 
 def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):

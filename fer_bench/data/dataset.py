@@ -65,6 +65,25 @@ def crop_box(image: np.ndarray, bbox) -> np.ndarray:
     return image[y0:y1, x0:x1]
 
 
+def read_image(*, root: Path, path: str, image_array=None, array_index=None, bbox=None) -> np.ndarray:
+    """One manifest row's RGB uint8 image [H, W, 3]: row ``array_index`` of an in-memory ``image_array`` (grey rows
+    become RGB) or the file ``root / path``; cropped to ``bbox`` (x0, y0, x1, y1) when one is given."""
+    if image_array is not None:
+        image = np.asarray(image_array[int(array_index)])
+        image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+    else:
+        image = decode_image(Path(root) / path)
+    return crop_box(image, bbox) if bbox is not None else image
+
+
+def crop_origin(bbox, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(x0, y0, width, height) of the region :func:`crop_box` keeps for ``bbox`` on an image of ``shape``."""
+    if bbox is None or (isinstance(bbox, float) and np.isnan(bbox)):
+        return 0, 0, shape[1], shape[0]
+    x0, y0, x1, y1 = _clamped_box(bbox, shape)
+    return x0, y0, x1 - x0, y1 - y0
+
+
 def flip_landmarks(points: np.ndarray, width: int) -> np.ndarray:
     """Mirror (N, 2) landmarks horizontally and swap left/right indices (68- or 5-point order)."""
     mirrored = points.copy()
@@ -231,13 +250,13 @@ class FaceDataset(Dataset):
         """The RGB uint8 image of row ``index`` (decoded file or in-memory array; cropped when asked)."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        if self.image_array is not None:
-            image = self.image_array[int(self.rows.at[index, "array_index"])]
-            image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
-        else:
-            image = decode_image(self.root / self.paths[index])
-        if self.crop_to_bbox:
-            image = crop_box(image, self.rows.at[index, "bbox"])
+        image = read_image(
+            root=self.root,
+            path=self.paths[index],
+            image_array=self.image_array,
+            array_index=self.rows.at[index, "array_index"] if self.image_array is not None else None,
+            bbox=self.rows.at[index, "bbox"] if self.crop_to_bbox else None,
+        )
         if self._cache is not None:
             self._cache[index] = image
         return image

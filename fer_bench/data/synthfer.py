@@ -27,7 +27,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -785,6 +785,24 @@ def render_sample(config: SynthFERConfig, split: str, index: int) -> tuple[np.nd
     return _render_one(config, SPLITS.index(split), index, label_names)
 
 
+def render_image(config: SynthFERConfig, image_id: str) -> np.ndarray:
+    """The RGB uint8 pixels of image ``image_id`` (``<split>_<index>``) straight from the generator: the same bytes
+    as the PNG :func:`generate_synthfer` wrote for it (PNG is lossless), without reading or decoding that file."""
+    split, _, number = str(image_id).rpartition("_")
+    if split not in SPLITS or not number.isdigit():
+        raise DataError(f"SynthFER image_id {image_id!r}: expected <split>_<index>, e.g. train_000042")
+    label_names = get_label_space(config.label_space).names
+    return _render_one(config, SPLITS.index(split), int(number), label_names)[0]
+
+
+def config_from_card(card: dict) -> SynthFERConfig:
+    """The :class:`SynthFERConfig` recorded in a ``synthfer.yaml`` card."""
+    params = dict(card["parameters"])
+    params["skin_tone_weights"] = tuple(params.get("skin_tone_weights", (1.0,) * 6))
+    known = {f.name for f in fields(SynthFERConfig)}
+    return SynthFERConfig(**{k: v for k, v in params.items() if k in known})
+
+
 def _render_chunk(args) -> list:
     config, out_dir, jobs, label_names = args
     cv2.setNumThreads(1)
@@ -959,7 +977,8 @@ def load_synthfer(root: Path) -> DatasetInfo:
         manifest=manifest,
         group_columns=tuple(card.get("group_columns", GROUP_COLUMNS)),
         subset_columns=tuple(card.get("subset_columns", SUBSET_COLUMNS)),
-        extras={"image_size": size, "masks": lambda: load_masks(root, size)},
+        # synth_config lets the prepared cache render the pixels from the generator instead of decoding the PNGs.
+        extras={"image_size": size, "masks": lambda: load_masks(root, size), "synth_config": config_from_card(card)},
     )
 
 

@@ -32,6 +32,7 @@ from fer_bench.eval.head_metrics import AttentionCosineHook, EvalHook, Occlusion
 from fer_bench.eval.protocols import Protocol, protocol_rows
 from fer_bench.models import FerModel
 from fer_bench.provenance import git_sha
+from fer_bench.runtime import autocast, autocast_dtype
 
 RESULTS_SCHEMA_VERSION = 2
 HEADLINE = {"acc": M.accuracy_from_cm, "mean_class_acc": M.mean_class_accuracy_from_cm, "macro_f1": M.macro_f1_from_cm}
@@ -62,24 +63,31 @@ def predict(
     tta: str | None = None,
     progress=None,
     hooks: list | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Class probabilities [N, K] (float64) of ``model`` on every item of ``dataset``, in order.
 
     ``tta="flip"`` averages the softmax of the image and its horizontal mirror. Each hook (see :class:`EvalHook`)
     sees every batch and the model's outputs, for head metrics (attention maps against AU masks, occlusion
     detection); ``batch["index"]`` is the row in ``dataset.rows``, so a hook can fetch per-sample maps and masks.
+    ``precision`` ``bf16`` runs the forward under autocast where the device supports it (:mod:`fer_bench.runtime`);
+    the default fp32 is what reported numbers use.
     """
     if tta not in (None, "none", "flip"):
         raise ConfigError(f"--tta: expected 'flip' or none, got {tta!r}")
+    device = torch.device(device)
+    amp_dtype = autocast_dtype(precision, device)
     model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     probs = []
     for batch in loader:
         images = batch["image"].to(device)  # [B, 3, S, S]
-        outputs = model(images)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+            flipped = model(images.flip(3))["logits"] if tta == "flip" else None
         p = torch.softmax(outputs["logits"].float(), dim=1)
-        if tta == "flip":
-            p = (p + torch.softmax(model(images.flip(3))["logits"].float(), dim=1)) / 2
+        if flipped is not None:
+            p = (p + torch.softmax(flipped.float(), dim=1)) / 2
         probs.append(p.cpu().numpy().astype(np.float64))
         for hook in hooks or ():
             hook.update(batch, outputs)
@@ -449,6 +457,7 @@ def evaluate(
     progress=None,
     hooks: list | None = None,
     head_metrics: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run ``model`` on the protocol's rows (or ``split`` of ``info``) and return the results dict.
 
@@ -490,6 +499,7 @@ def evaluate(
             tta=tta,
             progress=progress,
             hooks=hooks if kind is None else None,
+            precision=precision,
         )
         return renormalize(probs[:, [list(label_names).index(n) for n in scored]])  # masked logits: columns left out
 
@@ -499,6 +509,7 @@ def evaluate(
         "tta": tta or "none",
         "perturb": perturb,
         "perturb_seed": perturb_seed if perturb else None,
+        "precision": precision,
         "min_group_size": min_group_size,
         "heads": model.head_config() if isinstance(model, FerModel) else {},
     }

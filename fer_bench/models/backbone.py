@@ -99,6 +99,22 @@ def create_backbone(
     return model
 
 
+def set_fused_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch timm's fused attention (``F.scaled_dot_product_attention``) on or off in every attention layer of
+    ``model`` (ViT ``Attention``, Swin ``WindowAttention``); returns how many layers were set.
+
+    On GPUs the fused kernels (cuDNN, flash, efficient) are the fast path, and Swin only takes it when asked (timm
+    marks its fused window attention experimental). On CPUs the plain matmul-softmax path is faster for short
+    sequences. The weights are the same either way.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "fused_attn") and isinstance(module.fused_attn, bool):
+            module.fused_attn = bool(enabled)
+            count += 1
+    return count
+
+
 def token_map(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """Spatial tokens of ``forward_features`` output as [B, C, H, W], for ViT and Swin alike.
 

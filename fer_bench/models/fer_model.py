@@ -55,6 +55,10 @@ class FerModel(nn.Module):
         """Each head's effective settings (recorded in evaluation results)."""
         return {name: head.config() for name, head in self.heads.items()}
 
+    def has_unused_parameters(self) -> bool:
+        """True when some weights get no gradient in a training step (DDP then needs find_unused_parameters)."""
+        return any(getattr(head, "unused_parameters", False) for head in self.heads.values())
+
     def set_progress(self, fraction: float) -> None:
         """Tell the heads how far training is (0..1): the anchors' trust ramp and warm-up depend on it."""
         for head in self.heads.values():

@@ -1,48 +1,75 @@
-"""``fit``: the one place a recipe is unpacked into data, model, optimiser, schedule, loop, checkpoints and tracking."""
+"""``fit``: build → restore → loop → evaluate the best. The one place a recipe is unpacked.
+
+The pieces live next door: the runtime (device, precision, seeds, the distributed context) in
+:mod:`fer_bench.runtime`, the data (cache, loaders) in :mod:`fer_bench.train.data_setup`, the step and validation in
+:mod:`fer_bench.train.loop`, the checkpoint set in :mod:`fer_bench.train.checkpoints`.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
-import platform
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader
 
 from fer_bench import __version__
 from fer_bench._io import atomic_write_text
-from fer_bench.data import (
-    AugmentOptions,
-    DatasetInfo,
-    FaceDataset,
-    SynthFERConfig,
-    create_transform,
-    generate_synthfer,
-    get_dataset,
-    with_validation_split,
-)
-from fer_bench.data.au_maps import MAP_SOURCES
-from fer_bench.data.occluders import check_occluder_kinds
+from fer_bench.data import AugmentOptions
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, flat_metrics, write_report
-from fer_bench.models import FerModel, create_model
+from fer_bench.models import FerModel, create_model, set_fused_attention
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from fer_bench.provenance import git_sha
-from fer_bench.train.losses import classification_loss
-from fer_bench.train.recipe import Recipe, recipe_from_dict
+from fer_bench.runtime import (
+    DistContext,
+    autocast_dtype,
+    barrier,
+    configure_backends,
+    distributed_run,
+    environment_facts,
+    precision_note,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from fer_bench.train.checkpoints import BEST, LAST, check_best, clean_partial_writes, save_epoch_end
+from fer_bench.train.data_setup import build_loaders, dataset_for_run, describe_heads, resolve_loader
+from fer_bench.train.loop import EpochTally, train_steps, validate
+from fer_bench.train.recipe import Recipe, parse_interval, recipe_from_dict
 from fer_bench.train.tracking import Tracker, resume_tracker
 
 log = logging.getLogger(__name__)
+
+#: Recipe keys a resumed run takes from the command line; every other key is fixed when a run starts.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "name",
+    "output_dir",
+    "optim.epochs",
+    "runtime.device",
+    "runtime.workers",
+    "runtime.threads",
+    "runtime.max_minutes",
+    "runtime.max_steps",
+    "runtime.checkpoint_every",
+    "runtime.log_every",
+    "runtime.compile",
+    "runtime.compile_backend",
+    "runtime.fused_attention",
+    "data.cache",
+    "data.residency",
+    "data.cache_images",
+    "eval_after",
+    "tracking",
+)
+_TIMING_COLUMNS = ("seconds", "img_per_s")
 
 
 @dataclass
@@ -62,47 +89,25 @@ class Callbacks:
     def message(self, text: str) -> None:
         log.info(text)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         pass
 
-    def step(self, loss: float) -> None:
-        pass
+    def step(self, loss: float | None) -> None:
+        """After every step; ``loss`` every ``runtime.log_every`` steps (reading it waits for the device), else None."""
 
     def end_epoch(self, row: dict[str, float]) -> None:
         log.info("epoch %s: %s", row["epoch"], row)
 
 
+class _Quiet(Callbacks):
+    """Ranks other than 0 say nothing."""
+
+    def end_epoch(self, row: dict[str, float]) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Pieces
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: 'cuda' was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``, or None for fp32 (fp16 needs CUDA)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.bfloat16
-    if precision == "bf16" and device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return torch.bfloat16  # without AVX-512 (BF16/AMX) bf16 on a CPU is emulated and slower than fp32
-    if precision == "fp16" and device.type == "cuda":
-        return torch.float16
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# Small pieces
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -120,483 +125,653 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def class_balanced_sampler(labels: np.ndarray, *, generator: torch.Generator) -> torch.utils.data.Sampler:
-    """Draw ``len(labels)`` indices with replacement, each class equally likely (AffectNet's usual fix for its
-    imbalanced training set); the order depends only on ``generator``'s seed."""
-    counts = np.bincount(labels)
-    weights = 1.0 / counts[labels]
-    return torch.utils.data.WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double), num_samples=len(labels), replacement=True, generator=generator
-    )
-
-
-def build_optimizer(model: FerModel, *, lr: float, weight_decay: float, layer_decay: float | None):
-    """AdamW via timm (no decay on norms/biases/position embeddings; optional layer-wise lr decay)."""
+def build_optimizer(
+    model: FerModel, *, lr: float, weight_decay: float, layer_decay: float | None, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW via timm (no decay on norms/biases/position embeddings; optional layer-wise lr decay, with timm's
+    parameter groups), as torch's fused single-kernel AdamW when ``fused`` and the device supports it."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
-
-
-def environment_facts(device: torch.device) -> dict[str, str]:
-    import albumentations
-    import timm
-
-    return {
-        "fer_bench": __version__,
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "timm": timm.__version__,
-        "albumentations": albumentations.__version__,
-        "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
-        "threads": str(torch.get_num_threads()),
-        "platform": platform.platform(),
-        "git_sha": git_sha(),
-    }
-
-
-def load_data(recipe: Recipe, callbacks: Callbacks) -> DatasetInfo:
-    """Read the recipe's dataset; a missing SynthFER root is generated first with ``data.synth`` parameters."""
-    root = Path(recipe.data.root)
-    if recipe.data.dataset == "synthfer" and not root.exists():
-        params = dict(recipe.data.synth or {})
-        try:
-            config = SynthFERConfig(**params)
-        except TypeError as exc:
-            raise ConfigError(f"data.synth: {exc}") from None
-        callbacks.message(
-            f"SynthFER not found at {root}: generating it ({config.n_train}/{config.n_val}/"
-            f"{config.n_test} images at {config.size} px, seed {config.seed})"
+    kwargs = {"fused": True} if fused else {}
+    try:
+        return create_optimizer_v2(
+            model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kwargs
         )
-        t0 = time.time()
-        generate_synthfer(out=root, config=config)
-        callbacks.message(f"SynthFER generated in {time.time() - t0:.0f} s")
-    info = get_dataset(recipe.data.dataset, root, **recipe.data.options)
-    if not (info.manifest["split"] == recipe.data.val_split).any() and recipe.data.val_split == "val":
-        info = with_validation_split(info, fraction=recipe.data.val_fraction, seed=recipe.runtime.seed)
-        callbacks.message(f"{info.name} has no val split: validating on {recipe.data.val_fraction:.0%} of train")
-    if recipe.data.label_space and recipe.data.label_space != info.label_space.name:
-        raise ConfigError(
-            f"data.label_space: {recipe.data.label_space!r} differs from the dataset's {info.label_space.name!r}; "
-            "leave it unset to use the dataset's"
-        )
-    return info
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for these parameters' device or dtype
+        return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
 
 
 def _summary_csv(rows: list[dict[str, float]]) -> str:
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(buffer, fieldnames=names)
         writer.writeheader()
         writer.writerows(rows)
     return buffer.getvalue()
 
 
-def _rng_state() -> dict[str, Any]:
-    py = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]]}
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def resume_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, given value) for every recipe key the resumed run cannot honour (:data:`RESUMABLE_KEYS`
+    aside): a resumed run keeps the data, model and optimiser it started with."""
+    flat_saved: dict[str, Any] = {}
+    flat_given: dict[str, Any] = {}
+    _flatten("", saved, flat_saved)
+    _flatten("", given, flat_given)
+    out = []
+    for key in sorted(set(flat_saved) | set(flat_given)):
+        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
+            continue
+        if flat_saved.get(key) != flat_given.get(key):
+            out.append((key, flat_saved.get(key), flat_given.get(key)))
+    return out
 
 
-def head_data_options(model: FerModel, info: DatasetInfo, augment: AugmentOptions) -> dict[str, Any]:
-    """What the heads need from the training data: AU maps (``au_heatmap``), synthetic occluders with clean images
-    and the dataset's own occlusion masks where it has them (``occlusion``, or ``augment.occluders`` alone)."""
-    options: dict[str, Any] = {}
-    if augment.occluders > 0:
-        options["occlusion_augment"] = augment.occluders
-        options["occlusion_masks"] = "masks" in info.extras
-    au = model.head("au_heatmap")
-    if au is not None:
-        options["heatmaps"] = au.maps
-    occlusion = model.head("occlusion")
-    if occlusion is not None:
-        options["occlusion_augment"] = occlusion.augment
-        options["occluder_kinds"] = check_occluder_kinds(occlusion.occluders, option="model.heads.occlusion.occluders")
-        options["occlusion_masks"] = "masks" in info.extras
-    return options
+class CheckpointPolicy:
+    """When to write a mid-epoch ``last.pt``: every N optimiser steps or M minutes (``runtime.checkpoint_every``).
 
+    In a distributed run every rank must agree (writing one gathers the ranks' training sums), so the minute clock is
+    rank 0's, shared at the log steps.
+    """
 
-def describe_heads(model: FerModel, train_set: FaceDataset, sample: int = 200) -> str:
-    """One line on the heads and their data: AU-map sources counted on the first ``sample`` training items."""
-    parts = []
-    for name, head in model.heads.items():
-        settings = ", ".join(f"{k}={v}" for k, v in head.config().items())
-        if name == "au_heatmap":
-            n = min(sample, len(train_set))
-            codes = [int(train_set[i]["heatmap_source"]) for i in range(n)]
-            counts = {MAP_SOURCES[c]: codes.count(c) for c in sorted(set(codes))}
-            settings += f"; AU-map sources in {n} training samples: {counts}"
-        parts.append(f"{name} ({settings})")
-    return "; ".join(parts)
+    def __init__(self, setting: int | str | None, *, ctx: DistContext, log_every: int) -> None:
+        self.kind, self.amount = parse_interval(setting) if setting is not None else ("never", 0)
+        self.ctx, self.log_every = ctx, log_every
+        self.last = time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        if self.kind == "steps":
+            return global_step % int(self.amount) == 0
+        if self.kind != "minutes":
+            return False
+        if self.ctx.distributed and global_step % self.log_every:
+            return False
+        due = time.monotonic() - self.last >= self.amount * 60
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            flag = [due]
+            dist.broadcast_object_list(flag, src=0)
+            due = bool(flag[0])
+        return due
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def train_one_epoch(
-    model: FerModel,
-    loader: DataLoader,
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    memory_format: torch.memory_format,
-    label_smoothing: float,
-    grad_clip: float | None,
-    callbacks: Callbacks,
-    target_kind: str = "label",
-    max_steps: int | None = None,
-    total_steps: int | None = None,
-    class_weights: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """One pass over ``loader`` (or fewer batches once ``max_steps`` optimiser steps were taken in all).
-
-    The loss is the classification loss plus every head's named terms (:meth:`FerModel.losses`); each term's epoch
-    mean is returned as ``loss_<name>`` next to ``train_loss`` (their sum) and ``train_acc``.
-    """
-    model.train()
-    total, count, correct = 0.0, 0, 0
-    term_sums: dict[str, float] = {}
-    needs_clean = model.head("occlusion") is not None
-    for batch in loader:
-        if max_steps is not None and scheduler.last_epoch >= max_steps:
-            break
-        model.set_progress(scheduler.last_epoch / max(1, total_steps or 1))
-        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # [B, 3, S, S]
-        labels = batch["label"].to(device, non_blocking=True)  # [B]
-        target = batch["target"].to(device, non_blocking=True) if "target" in batch else None  # [B, K] soft targets
-        occlusion_mask = batch["occlusion"].to(device) if "occlusion" in batch else None  # [B, S, S]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            clean_outputs = None
-            if needs_clean and "clean_image" in batch:
-                with torch.no_grad():  # the teacher of the consistency term
-                    clean = batch["clean_image"].to(device, memory_format=memory_format)
-                    clean_outputs = model(clean, reconstruct=False)
-            outputs = model(images, occlusion_mask=occlusion_mask)
-            logits = outputs["logits"]  # [B, K]
-            terms = {
-                "ce": classification_loss(
-                    outputs.get("train_logits", logits),
-                    labels=labels,
-                    target=target,
-                    target_kind=target_kind,
-                    label_smoothing=label_smoothing,
-                    class_weights=class_weights,
-                )
-            }
-            terms |= model.losses(outputs, batch, clean_outputs)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        n = len(images)
-        total += loss.item() * n
-        count += n
-        correct += (logits.argmax(1) == labels).sum().item()
-        for name, value in terms.items():
-            term_sums[name] = term_sums.get(name, 0.0) + float(value.detach()) * n
-        callbacks.step(loss.item())
-    row = {"train_loss": total / max(count, 1), "train_acc": correct / max(count, 1)}
-    if len(term_sums) > 1:
-        row |= {f"loss_{name}": value / max(count, 1) for name, value in term_sums.items()}
-    return row
-
-
-@torch.no_grad()
-def validate(
-    model: FerModel,
-    loader: DataLoader,
-    *,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict:
-    model.eval()
-    total, count, correct = 0.0, 0, 0
-    for batch in loader:
-        images = batch["image"].to(device, memory_format=memory_format)
-        labels = batch["label"].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)["logits"].float()
-        total += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    return {"val_loss": total / max(count, 1), "val_acc": correct / max(count, 1)}
+# fit
 
 
 def fit(
     recipe: Recipe, *, resume: bool = False, callbacks: Callbacks | None = None, recipe_path: Path | None = None
 ) -> FitResult:
-    """Train ``recipe``; write checkpoints, ``recipe.resolved.yaml`` and ``summary.csv`` into its output folder.
+    """Train ``recipe``; write checkpoints, ``recipe.resolved.yaml`` and ``summary.csv`` into its output folder, then
+    evaluate the best checkpoint on the test split.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each process trains its strided share of every global batch
+    (``optim.batch_size`` is the global batch), validation is gathered across ranks, and only rank 0 writes.
 
     Args:
         recipe: A validated recipe (``load_recipe``).
-        resume: Continue from ``<output_dir>/last.pt``; the remaining epochs match an uninterrupted run on CPU.
+        resume: Continue from ``<output_dir>/last.pt``, at the exact step it was written; the run ends with the same
+            summary rows and test metrics as an uninterrupted one (on a CPU).
         callbacks: Progress and message hooks.
         recipe_path: The recipe file, logged to MLflow next to the resolved recipe.
     """
-    cb = callbacks or Callbacks()
-    out = recipe.resolved_output_dir()
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    state = None
-    if resume:
-        state = load_checkpoint(last_path)
-        saved = state["recipe"]
-        if saved.get("optim", {}).get("epochs") != recipe.optim.epochs:
-            cb.message(f"--resume: extending to {recipe.optim.epochs} epochs (was {saved['optim']['epochs']})")
-        # The run continues with the data, model and optimiser it started with (the number of epochs may grow);
-        # operational settings (device, workers, threads, time limit) come from the recipe given now.
-        runtime = {**recipe.runtime.model_dump(mode="json"), "seed": saved["runtime"]["seed"]}
-        recipe = recipe_from_dict(
-            {**saved, "optim": {**saved["optim"], "epochs": recipe.optim.epochs}, "runtime": runtime}
+    with distributed_run(recipe.runtime.device) as ctx:
+        cb = (callbacks or Callbacks()) if ctx.is_main else _Quiet()
+        return _Run(recipe, ctx=ctx, cb=cb, resume=resume, recipe_path=recipe_path).run()
+
+
+class _Run:
+    """One call of :func:`fit`: its state lives here so each phase is a short method."""
+
+    def __init__(self, recipe: Recipe, *, ctx: DistContext, cb: Callbacks, resume: bool, recipe_path: Path | None):
+        self.recipe, self.ctx, self.cb, self.resume, self.recipe_path = recipe, ctx, cb, resume, recipe_path
+        self.state: dict[str, Any] | None = None
+
+    # -- build -------------------------------------------------------------------------------------------------------
+
+    def run(self) -> FitResult:
+        self.resolve_output()
+        self.setup_runtime()
+        self.setup_data()
+        self.setup_model()
+        self.restore()
+        self.setup_tracking()
+        status = "FAILED"
+        try:
+            self.loop()
+            test_results = self.evaluate_best()
+            barrier(self.ctx)  # no rank leaves (and tears the group down) while rank 0 still evaluates
+            status = "FINISHED"
+        finally:
+            if self.tracker is not None:
+                self.tracker.end(status)
+        return FitResult(
+            self.out,
+            self.best["epoch"],
+            self.best["val_acc"],
+            self.epochs_run,
+            test_results,
+            self.run_id,
+            self.summary,
         )
-    elif last_path.exists():
-        raise ConfigError(
-            f"output_dir {out}: holds a checkpoint from an earlier run; pass --resume to continue it, or "
-            f"--set output_dir=... to start a new one"
+
+    def resolve_output(self) -> None:
+        out = str(self.recipe.resolved_output_dir())
+        if self.ctx.distributed:  # {time} must name the same folder on every rank
+            import torch.distributed as dist
+
+            shared = [out]
+            dist.broadcast_object_list(shared, src=0)
+            out = shared[0]
+        self.out = Path(out)
+        last = self.out / LAST
+        if self.resume:
+            self.state = load_checkpoint(last)
+            self.recipe = self._resumed_recipe(self.state["recipe"])
+        elif last.exists():
+            raise ConfigError(
+                f"output_dir {self.out}: holds a checkpoint from an earlier run; pass --resume to continue it, or "
+                f"--set output_dir=... to start a new one"
+            )
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for path in clean_partial_writes(self.out):
+                self.cb.message(f"removed {path.name}, left by a write that was interrupted")
+            if self.state is not None:
+                check_best(self.out, self.state, self.cb.message)
+        barrier(self.ctx)
+
+    def _resumed_recipe(self, saved: dict[str, Any]) -> Recipe:
+        given = self.recipe.model_dump(mode="json")
+        for key, before, now in resume_differences(saved, given):
+            self.cb.message(
+                f"--resume: {key}={now!r} is ignored: the run continues with {before!r} (data, model and optimiser "
+                "settings are fixed when a run starts; start a new run to change them)"
+            )
+        if saved.get("optim", {}).get("epochs") != self.recipe.optim.epochs:
+            self.cb.message(
+                f"--resume: extending to {self.recipe.optim.epochs} epochs (was {saved['optim']['epochs']})"
+            )
+        merged = json.loads(json.dumps(saved))
+        for key in RESUMABLE_KEYS:  # operational settings come from the command line
+            *sections, last = key.split(".")
+            source, target = given, merged
+            for section in sections:
+                source, target = source[section], target.setdefault(section, {})
+            target[last] = source[last]
+        merged["output_dir"] = str(self.out)
+        return recipe_from_dict(merged)
+
+    def setup_runtime(self) -> None:
+        rt = self.recipe.runtime
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        seed_everything(rt.seed)
+        self.device = resolve_device(rt.device, local_rank=self.ctx.local_rank if self.ctx.distributed else None)
+        configure_backends(self.device)
+        self.amp_dtype = autocast_dtype(rt.precision, self.device)
+        note = precision_note(rt.precision, self.device, self.amp_dtype)
+        if note:
+            self.cb.message(note)
+        self.memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+
+    def setup_data(self) -> None:
+        data = self.recipe.data
+        for turn in ("main", "others"):  # rank 0 first: it generates SynthFER and builds the cache the others reuse
+            if (turn == "main") == self.ctx.is_main:
+                self.info = dataset_for_run(
+                    dataset=data.dataset,
+                    root=data.root,
+                    options=data.options,
+                    synth=data.synth,
+                    cache=data.cache,
+                    cache_size=self._cache_size(),
+                    val_split=data.val_split,
+                    val_fraction=data.val_fraction,
+                    seed=self.recipe.runtime.seed,
+                    label_space=data.label_space,
+                    message=self.cb.message,
+                )
+            barrier(self.ctx)
+        self.loader_kind = resolve_loader(data.loader, cached=data.cache != "off")
+        started_with = (self.state or {}).get("loader")
+        if started_with and started_with != self.loader_kind:
+            raise ConfigError(
+                f"--resume: the run trained with the {started_with} loader, which draws different augmentations than "
+                f"the {self.loader_kind} one; resume with data.cache set as it was (the {started_with} loader)"
+            )
+        if self.info.target_kind != "label":
+            self.cb.message(
+                f"{self.info.name}: training on soft targets ({self.info.target_kind}); {self.info.protocol}"
+            )
+
+    def _cache_size(self) -> int | None:
+        """``data.cache_size``, else the training size; a cache folder given by path keeps the size it was built at."""
+        data = self.recipe.data
+        if data.cache_size:
+            return data.cache_size
+        existing = data.cache not in ("auto", "off") and (Path(data.cache) / "cache.yaml").is_file()
+        return None if existing else data.img_size
+
+    def setup_model(self) -> None:
+        recipe, rt, data = self.recipe, self.recipe.runtime, self.recipe.data
+        self.label_names = self.info.label_space.names
+        backbone_kwargs = dict(recipe.model.backbone_kwargs)
+        if recipe.model.drop_path_rate:
+            backbone_kwargs["drop_path_rate"] = recipe.model.drop_path_rate
+        model = create_model(
+            recipe.model.backbone,
+            num_classes=len(self.label_names),
+            img_size=data.img_size,
+            pretrained=recipe.model.pretrained,
+            heads=recipe.model.heads,
+            stem=recipe.model.stem,
+            **backbone_kwargs,
         )
-    out.mkdir(parents=True, exist_ok=True)
-
-    rt, data_cfg, optim_cfg = recipe.runtime, recipe.data, recipe.optim
-    if rt.threads:
-        torch.set_num_threads(rt.threads)
-    seed_everything(rt.seed)
-    device = resolve_device(rt.device)
-    amp_dtype = autocast_dtype(rt.precision, device)
-    if rt.precision != "fp32" and amp_dtype is None:
-        reason = "this CPU has no AVX-512, where bf16 is slower than fp32" if device.type == "cpu" else device.type
-        cb.message(f"runtime.precision={rt.precision}: autocast not used ({reason}); training in fp32")
-
-    info = load_data(recipe, cb)
-    label_names = info.label_space.names
-    backbone_kwargs = dict(recipe.model.backbone_kwargs)
-    if recipe.model.drop_path_rate:
-        backbone_kwargs["drop_path_rate"] = recipe.model.drop_path_rate
-    model = create_model(
-        recipe.model.backbone,
-        num_classes=len(label_names),
-        img_size=data_cfg.img_size,
-        pretrained=recipe.model.pretrained,
-        heads=recipe.model.heads,
-        stem=recipe.model.stem,
-        **backbone_kwargs,
-    ).to(device)
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    model_config = {
-        "backbone": recipe.model.backbone,
-        "stem": recipe.model.stem,
-        "num_classes": len(label_names),
-        "img_size": data_cfg.img_size,
-        "backbone_kwargs": {k: v for k, v in backbone_kwargs.items() if k != "drop_path_rate"},
-        "heads": recipe.model.heads,
-    }
-
-    aug = AugmentOptions(**data_cfg.augment.model_dump())
-    data_options = head_data_options(model, info, aug)
-    train_set = FaceDataset.from_info(
-        info,
-        data_cfg.train_split,
-        transform=create_transform(
-            train=True, img_size=data_cfg.img_size, augment=aug, with_clean="occlusion_augment" in data_options
-        ),
-        train=True,
-        hflip=aug.hflip,
-        seed=rt.seed,
-        cache_images=data_cfg.cache_images,
-        **data_options,
-    )
-    val_set = FaceDataset.from_info(
-        info,
-        data_cfg.val_split,
-        transform=create_transform(train=False, img_size=data_cfg.img_size),
-        cache_images=data_cfg.cache_images,
-    )
-    if info.target_kind != "label":
-        cb.message(f"{info.name}: training on soft targets ({info.target_kind}); {info.protocol}")
-    workers = (0 if device.type == "cpu" else 8) if rt.workers == "auto" else rt.workers
-    class_weights = None
-    anchors = model.head("anchors")
-    if anchors is not None and anchors.class_weighted:
-        anchors.set_class_weights(torch.bincount(torch.as_tensor(train_set.labels), minlength=len(label_names)))
-        class_weights = anchors.class_weights
-    heads_text = describe_heads(model, train_set) if model.heads else ""
-    if heads_text:
-        cb.message(f"heads: {heads_text}")
-    optimizer = build_optimizer(
-        model, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, layer_decay=optim_cfg.layer_decay
-    )
-    steps_per_epoch = max(1, len(train_set) // optim_cfg.batch_size)
-    total_steps = steps_per_epoch * optim_cfg.epochs
-    warmup_steps = round(optim_cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(
-            step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=optim_cfg.min_lr_ratio
-        ),
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, best_acc, best_epoch, summary, run_id = 0, -1.0, -1, [], None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        best_acc, best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
-        summary = list(state["summary"])
-        run_id = state.get("mlflow_run_id")
-        cb.message(f"resumed from {last_path} at epoch {start_epoch}")
-
-    recipe_dict = recipe.model_dump(mode="json")
-    recipe_dict["output_dir"] = str(out)  # the concrete folder, with {name}/{time} filled in
-    env = environment_facts(device)
-    resolved = {
-        **recipe_dict,
-        "_resolved": {**env, "label_space": list(label_names), "layout": info.layout, "protocol": info.protocol},
-    }
-    atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
-
-    trk = recipe.tracking
-    if run_id:
-        tracker = resume_tracker(tracking_uri=trk.tracking_uri, run_id=run_id, warn=cb.message)
-    else:
-        tracker = Tracker(
-            enabled=trk.enabled,
-            tracking_uri=trk.tracking_uri,
-            experiment=trk.experiment,
-            run_name=trk.run_name or recipe.name,
-            warn=cb.message,
+        fused = rt.fused_attention if isinstance(rt.fused_attention, bool) else self.device.type == "cuda"
+        set_fused_attention(model, fused)
+        if self.ctx.distributed and self.device.type == "cuda":
+            # a conv stem's BatchNorm normalises over the global batch, as in one process (NCCL only)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device).to(memory_format=self.memory_format)
+        self.model_config = {
+            "backbone": recipe.model.backbone,
+            "stem": recipe.model.stem,
+            "num_classes": len(self.label_names),
+            "img_size": data.img_size,
+            "backbone_kwargs": {k: v for k, v in backbone_kwargs.items() if k != "drop_path_rate"},
+            "heads": recipe.model.heads,
+        }
+        workers = rt.workers
+        if workers == "auto":
+            workers = 0 if self.device.type == "cpu" else 8
+        self.workers = workers
+        self.data = build_loaders(
+            self.info,
+            self.model,
+            loader=self.loader_kind,
+            residency=data.residency,
+            train_split=data.train_split,
+            val_split=data.val_split,
+            img_size=data.img_size,
+            global_batch=recipe.optim.batch_size,
+            augment=AugmentOptions(**data.augment.model_dump()),
+            sampler=data.sampler,
+            seed=rt.seed,
+            workers=workers,
+            cache_images=data.cache_images,
+            ctx=self.ctx,
+            device=self.device,
         )
-        tracker.log_params(recipe_dict)
-        tracker.set_tags(
-            {
-                "dataset": info.name,
+        self.class_weights = None
+        anchors = self.model.head("anchors")
+        if anchors is not None and anchors.class_weighted:
+            counts = torch.bincount(torch.as_tensor(self.data.train_labels), minlength=len(self.label_names))
+            anchors.set_class_weights(counts)
+            self.class_weights = anchors.class_weights
+        self.heads_text = describe_heads(self.model, self.data.map_sources) if self.model.heads else ""
+        if self.heads_text:
+            self.cb.message(f"heads: {self.heads_text}")
+        optim = recipe.optim
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            layer_decay=optim.layer_decay,
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+        self.steps_per_epoch = len(self.data.train)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"optim.batch_size={optim.batch_size}: larger than the {len(self.data.train_labels)} training images; "
+                "an epoch would have no step"
+            )
+        self.total_steps = self.steps_per_epoch * optim.epochs
+        warmup_steps = round(optim.warmup_epochs * self.steps_per_epoch)
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(
+                step, warmup_steps=warmup_steps, total_steps=total, min_ratio=optim.min_lr_ratio
+            ),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if optim.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=optim.ema_decay)
+
+    def restore(self) -> None:
+        """Put the model, optimiser, schedule and position back as ``last.pt`` recorded them; then compile and wrap."""
+        self.position = {"epoch": 0, "step": 0}
+        self.best = {"epoch": -1, "global_step": None, "val_acc": -1.0}
+        self.summary: list[dict[str, float]] = []
+        self.partial: dict[str, Any] | None = None
+        self.run_id = None
+        self.epochs_run = 0
+        if self.state is not None:
+            state = self.state
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+            set_rng_state(state["rng"])
+            self.position = dict(state.get("position") or {"epoch": int(state["epoch"]) + 1, "step": 0})
+            self.best = dict(
+                state.get("best")
+                or {"epoch": int(state["best_epoch"]), "global_step": None, "val_acc": float(state["best_val_acc"])}
+            )
+            self.summary = list(state["summary"])
+            self.partial = state.get("partial")
+            self.run_id = state.get("mlflow_run_id")
+            where = f"epoch {self.position['epoch'] + 1}, step {self.position['step']}"
+            self.cb.message(f"resumed from {self.out / LAST} at {where} (global step {self.scheduler.last_epoch})")
+            self.state = None  # the weights now live in the model; free the copy
+        self.compile_seconds = None
+        self.forward_model: torch.nn.Module = self.model
+        if self.recipe.runtime.compile:
+            # in place: state_dict keys stay as they are; before DDP, as timm and nanoGPT do
+            self.model.compile(backend=self.recipe.runtime.compile_backend)
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            unused = self.model.has_unused_parameters()
+            self.forward_model = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # ViT/Swin have no BatchNorm to sync; Swin's index buffers never change
+                gradient_as_bucket_view=True,
+                find_unused_parameters=unused,
+                static_graph=not unused,
+            )
+
+    def setup_tracking(self) -> None:
+        recipe, info = self.recipe, self.info
+        self.recipe_dict = recipe.model_dump(mode="json")
+        self.recipe_dict["output_dir"] = str(self.out)  # the concrete folder, with {name}/{time} filled in
+        env = environment_facts(self.device)
+        run_facts = {
+            "loader": self.data.loader,
+            "residency": self.data.residency,
+            "cache": str(info.extras.get("cache", "off")),
+            "world_size": str(self.ctx.world_size),
+            "precision": str(self.amp_dtype or "fp32").replace("torch.", ""),
+            "compile": str(recipe.runtime.compile),
+        }
+        self.tracker: Tracker | None = None
+        if not self.ctx.is_main:
+            return
+        self.cb.message(
+            f"data: {self.data.loader} loader"
+            + (f", cache {run_facts['cache']} ({self.data.residency})" if self.data.loader == "device" else "")
+            + f"; {self.ctx.world_size} process(es), global batch {recipe.optim.batch_size}"
+        )
+        resolved = {
+            **self.recipe_dict,
+            "_resolved": {
+                **env,
+                **run_facts,
+                "label_space": list(self.label_names),
                 "layout": info.layout,
                 "protocol": info.protocol,
-                "backbone": recipe.model.backbone,
-                "heads": heads_text or "none",
-                **env,
-            }
-        )
-        tracker.log_artifact(out / "recipe.resolved.yaml", "recipe")
-        if recipe_path is not None:
-            tracker.log_artifact(recipe_path, "recipe")
-    run_id = tracker.run_id
+            },
+        }
+        atomic_write_text(self.out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        trk = recipe.tracking
+        if self.run_id:
+            self.tracker = resume_tracker(tracking_uri=trk.tracking_uri, run_id=self.run_id, warn=self.cb.message)
+            self._log_missing_epochs()
+        else:
+            self.tracker = Tracker(
+                enabled=trk.enabled,
+                tracking_uri=trk.tracking_uri,
+                experiment=trk.experiment,
+                run_name=trk.run_name or recipe.name,
+                warn=self.cb.message,
+            )
+            self.tracker.log_params(self.recipe_dict)
+            self.tracker.set_tags(
+                {
+                    "dataset": info.name,
+                    "layout": info.layout,
+                    "protocol": info.protocol,
+                    "backbone": recipe.model.backbone,
+                    "heads": self.heads_text or "none",
+                    **env,
+                    **run_facts,
+                }
+            )
+            self.tracker.log_artifact(self.out / "recipe.resolved.yaml", "recipe")
+            if self.recipe_path is not None:
+                self.tracker.log_artifact(self.recipe_path, "recipe")
+        self.run_id = self.tracker.run_id
 
-    val_loader = DataLoader(val_set, batch_size=max(optim_cfg.batch_size, 128), shuffle=False, num_workers=workers)
-    epochs_run = 0
-    status = "FAILED"
-    try:
-        for epoch in range(start_epoch, optim_cfg.epochs):
-            t0 = time.time()
-            train_set.set_epoch(epoch)
-            # The shuffle order is a function of (seed, epoch) alone, so --resume replays the same batches.
-            order = torch.Generator().manual_seed(rt.seed * 1000 + epoch)
-            sampler = (
-                class_balanced_sampler(train_set.labels, generator=order) if data_cfg.sampler != "random" else None
-            )
-            train_loader = DataLoader(
-                train_set,
-                batch_size=optim_cfg.batch_size,
-                shuffle=sampler is None,
-                sampler=sampler,
-                drop_last=True,
-                generator=order if sampler is None else None,
-                num_workers=workers,
-                persistent_workers=False,
-            )
-            cb.start_epoch(epoch, optim_cfg.epochs, len(train_loader))
-            row: dict[str, float] = {"epoch": epoch}
-            row |= train_one_epoch(
-                model,
-                train_loader,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                device=device,
-                amp_dtype=amp_dtype,
-                memory_format=memory_format,
-                label_smoothing=optim_cfg.label_smoothing,
-                grad_clip=optim_cfg.grad_clip,
-                callbacks=cb,
-                target_kind=info.target_kind,
+    def _log_missing_epochs(self) -> None:
+        """Epoch rows the checkpoint holds but MLflow missed (the run was killed between the two writes)."""
+        logged = self.tracker.logged_steps("val_acc")
+        for row in self.summary:
+            if int(row["epoch"]) not in logged:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    # -- loop --------------------------------------------------------------------------------------------------------
+
+    def _checkpoint_state(self, *, epoch_done: int, position: dict[str, int], partial: dict | None) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epoch_done,
+            "position": position,
+            "global_step": self.scheduler.last_epoch,
+            "partial": partial,
+            "best": dict(self.best),
+            "best_val_acc": self.best["val_acc"],
+            "best_epoch": self.best["epoch"],
+            "summary": self.summary,
+            "recipe": self.recipe_dict,
+            "model_config": self.model_config,
+            "label_names": list(self.label_names),
+            "dataset": self.info.name,
+            "mlflow_run_id": self.run_id,
+            "world_size": self.ctx.world_size,
+            "loader": self.loader_kind,
+            "fer_bench_version": __version__,
+        }
+
+    def _finished(self, epoch: int) -> bool:
+        max_steps = self.recipe.runtime.max_steps
+        return epoch >= self.recipe.optim.epochs or bool(max_steps and self.scheduler.last_epoch >= max_steps)
+
+    def loop(self) -> None:
+        rt, optim = self.recipe.runtime, self.recipe.optim
+        policy = CheckpointPolicy(rt.checkpoint_every, ctx=self.ctx, log_every=rt.log_every)
+        epoch = self.position["epoch"]
+        while not self._finished(epoch):
+            start_step = self.position["step"] if epoch == self.position["epoch"] else 0
+            tally = EpochTally.from_state(self.partial if start_step else None, self.device)
+            self.partial = None
+            loader = self.data.train
+            loader.set_epoch(epoch)
+            self.cb.start_epoch(epoch, optim.epochs, self.steps_per_epoch, start_step)
+            started = time.perf_counter()
+            self._compile_t0 = started
+            seconds_before = tally.seconds
+
+            def after_step(steps_done: int, epoch: int = epoch, tally: EpochTally = tally) -> None:
+                if self.compile_seconds is None and rt.compile:
+                    self._record_compile_time()
+                if steps_done >= self.steps_per_epoch or not policy.due(self.scheduler.last_epoch):
+                    return
+                if rt.max_steps and self.scheduler.last_epoch >= rt.max_steps:
+                    return  # the epoch end right after writes the checkpoint
+                partial = self._gathered(tally)
+                if self.ctx.is_main:
+                    state = self._checkpoint_state(
+                        epoch_done=epoch - 1, position={"epoch": epoch, "step": steps_done}, partial=partial
+                    )
+                    save_checkpoint(self.out / LAST, state)
+                policy.saved()
+
+            train_steps(
+                self.model,
+                loader,
+                forward_model=self.forward_model,
+                start_step=start_step,
+                tally=tally,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                label_smoothing=optim.label_smoothing,
+                grad_clip=optim.grad_clip,
+                target_kind=self.info.target_kind,
+                class_weights=self.class_weights,
+                seed=rt.seed,
+                rank=self.ctx.rank,
+                total_steps=self.total_steps,
                 max_steps=rt.max_steps,
-                total_steps=total_steps,
-                class_weights=class_weights,
+                log_every=rt.log_every,
+                step_done=self.cb.step,
+                after_step=after_step,
+                memory_format=self.memory_format,
+                ema=self.ema,
             )
-            row |= validate(model, val_loader, device=device, amp_dtype=amp_dtype, memory_format=memory_format)
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["seconds"] = round(time.time() - t0, 2)
-            summary.append(row)
-            epochs_run += 1
-            improved = row["val_acc"] > best_acc
+            row: dict[str, float] = {"epoch": epoch}
+            row |= tally.row(self.ctx)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds = seconds_before + time.perf_counter() - started
+            row |= validate(
+                self.ema.module if self.ema is not None else self.model,
+                self.data.val,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                num_classes=len(self.label_names),
+                memory_format=self.memory_format,
+            )
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["seconds"] = round(seconds_before + time.perf_counter() - started, 2)
+            row["img_per_s"] = round(tally.count * self.ctx.world_size / max(train_seconds, 1e-9), 1)
+            self.summary.append(row)
+            self.epochs_run += 1
+            improved = row["val_acc"] > self.best["val_acc"]
             if improved:
-                best_acc, best_epoch = row["val_acc"], epoch
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-                "epoch": epoch,
-                "best_val_acc": best_acc,
-                "best_epoch": best_epoch,
-                "summary": summary,
-                "recipe": recipe_dict,
-                "model_config": model_config,
-                "label_names": list(label_names),
-                "dataset": info.name,
-                "mlflow_run_id": run_id,
-                "fer_bench_version": __version__,
-            }
-            save_checkpoint(last_path, ckpt)
-            if improved:
-                save_checkpoint(best_path, ckpt)
-            atomic_write_text(out / "summary.csv", _summary_csv(summary))
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            cb.end_epoch(row)
-            if rt.max_minutes and sum(r["seconds"] for r in summary) > rt.max_minutes * 60:
-                cb.message(f"runtime.max_minutes={rt.max_minutes} reached after epoch {epoch}; stopping")
+                self.best = {"epoch": epoch, "global_step": self.scheduler.last_epoch, "val_acc": row["val_acc"]}
+            if self.ctx.is_main:
+                state = self._checkpoint_state(epoch_done=epoch, position={"epoch": epoch + 1, "step": 0}, partial=None)
+                save_epoch_end(self.out, state, improved=improved)
+                atomic_write_text(self.out / "summary.csv", _summary_csv(self.summary))
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            policy.saved()
+            self.cb.end_epoch(row)
+            epoch += 1
+            if rt.max_minutes and sum(r["seconds"] for r in self.summary) > rt.max_minutes * 60:
+                self.cb.message(f"runtime.max_minutes={rt.max_minutes} reached after epoch {epoch}; stopping")
                 break
-            if rt.max_steps and scheduler.last_epoch >= rt.max_steps:
-                cb.message(f"runtime.max_steps={rt.max_steps} reached in epoch {epoch}; stopping")
+            if rt.max_steps and self.scheduler.last_epoch >= rt.max_steps:
+                self.cb.message(f"runtime.max_steps={rt.max_steps} reached in epoch {epoch}; stopping")
                 break
+        if self.ctx.is_main:
+            atomic_write_text(self.out / "summary.csv", _summary_csv(self.summary))
 
-        test_results = None
-        if recipe.eval_after and best_path.exists():
-            best_model = model_from_checkpoint(load_checkpoint(best_path)).to(device)
-            test_results = evaluate(
-                best_model,
-                info,
-                split=data_cfg.test_split,
-                img_size=data_cfg.img_size,
-                label_names=label_names,
-                device=device,
-                workers=workers,
+    def _gathered(self, tally: EpochTally) -> dict[str, Any]:
+        """The epoch's sums so far over every rank (for a mid-epoch checkpoint; rank 0 resumes with them)."""
+        state = tally.state()
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            names = sorted(state["terms"])
+            values = torch.stack(
+                [tally.loss, tally.correct.to(tally.loss.dtype), torch.tensor(float(tally.count), device=self.device)]
+                + [tally.terms[n] for n in names]
             )
-            test_results["checkpoint"] = str(best_path)
-            paths = write_report(test_results, out / "eval")
-            tracker.log_metrics(flat_metrics(test_results, prefix=data_cfg.test_split))
-            for path in paths.values():
-                tracker.log_artifact(path, "eval")
-        tracker.log_artifact(out / "summary.csv")
+            dist.all_reduce(values)
+            values = values.cpu()
+            state.update(
+                loss=values[0].clone(),
+                correct=values[1].to(torch.int64),
+                count=int(values[2]),
+                terms={n: values[3 + k].clone() for k, n in enumerate(names)},
+            )
+        return state
+
+    def _record_compile_time(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = round(time.perf_counter() - self._compile_t0, 1)
+        self.cb.message(f"runtime.compile: the first step took {self.compile_seconds} s (compilation included)")
+        if self.tracker is not None:
+            self.tracker.log_metrics({"compile_seconds": self.compile_seconds})
+
+    # -- evaluate ----------------------------------------------------------------------------------------------------
+
+    def evaluate_best(self) -> dict[str, Any] | None:
+        if not self.ctx.is_main:
+            return None
+        best_path = self.out / BEST
+        tracker = self.tracker
+        test_results = None
+        if self.recipe.eval_after and best_path.exists():
+            check_best(self.out, load_checkpoint(self.out / LAST), self.cb.message)
+            best_state = load_checkpoint(best_path)
+            results_path = self.out / "eval" / "results.json"
+            previous = _read_results(results_path)
+            step = best_state.get("global_step")
+            if previous is not None and step is not None and previous.get("checkpoint_step") == step:
+                test_results = previous  # this run was evaluated already (a resume of a finished run)
+                self.cb.message(f"the best checkpoint (step {step}) was evaluated already: {results_path}")
+            else:
+                data = self.recipe.data
+                test_results = evaluate(
+                    model_from_checkpoint(best_state).to(self.device),
+                    self.info,
+                    split=data.test_split,
+                    img_size=data.img_size,
+                    label_names=self.label_names,
+                    device=self.device,
+                    workers=self.workers,
+                )
+                test_results["checkpoint"] = str(best_path)
+                test_results["checkpoint_step"] = step
+                paths = write_report(test_results, self.out / "eval")
+                for path in paths.values():
+                    tracker.log_artifact(path, "eval")
+            prefix = self.recipe.data.test_split
+            # logged at the best weights' step: a resumed, finished run finds them there and does not log them again
+            step = int(test_results.get("checkpoint_step") or 0)
+            if step not in tracker.logged_steps(f"{prefix}/acc"):
+                tracker.log_metrics(flat_metrics(test_results, prefix=prefix), step=step)
+        tracker.log_artifact(self.out / "summary.csv")
         tracker.log_artifact(best_path, "checkpoints")
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
-    return FitResult(out, best_epoch, best_acc, epochs_run, test_results, run_id, summary)
+        return test_results
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def timing_free(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Summary rows without the wall-clock columns (what a resumed run must reproduce exactly)."""
+    return [{k: v for k, v in row.items() if k not in _TIMING_COLUMNS} for row in rows]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fer_bench.runtime import global_mean
+
 MULTI_TARGET_EPSILON = 0.001
 
 
@@ -35,8 +37,12 @@ def classification_loss(
     """
     logits = logits.float()  # [B, K]
     if target_kind == "label":
-        weight = class_weights.to(logits.device).float() if class_weights is not None else None
-        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing)
+        if class_weights is None:
+            return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        weight = class_weights.to(logits.device).float()
+        per_sample = F.cross_entropy(logits, labels, weight=weight, label_smoothing=label_smoothing, reduction="none")
+        # the weighted mean divides by the batch's summed weights: over every rank's batch under DDP
+        return global_mean(per_sample.sum(), weight[labels].sum())
     if target is None:
         raise ValueError(f"target_kind={target_kind!r} needs the batch's 'target'")
     if target_kind in ("soft", "sample"):

@@ -83,6 +83,17 @@ class Tracker:
         if Path(path).exists():
             self._call("log_artifact", str(path), artifact_path=artifact_path)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric ``key`` was logged in this run (empty when tracking is off or failing)."""
+        if not self.active:
+            return set()
+        try:
+            history = self._mlflow.MlflowClient().get_metric_history(self.run_id, key)
+        except Exception as exc:
+            self._fail(f"MLflow metric history unavailable ({type(exc).__name__}); continuing without tracking")
+            return set()
+        return {int(m.step) for m in history}
+
     def end(self, status: str = "FINISHED") -> None:
         self._call("end_run", status=status)
         self.active = False

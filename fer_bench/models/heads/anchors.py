@@ -170,6 +170,15 @@ class AnchorHead(nn.Module):
         self.register_buffer("mean_sums", torch.zeros(self.num_classes, self.dim))
         self.register_buffer("mean_counts", torch.zeros(self.num_classes))
         self.register_buffer("class_weights", torch.ones(self.num_classes))
+        # Host-side copies of progress and initialised: the step reads them every time, and reading a buffer on a
+        # GPU would wait for the device (a host sync). Refreshed from the buffers when a checkpoint is loaded.
+        self._progress, self._initialised = 0.0, mode == "arbex"
+        self.register_load_state_dict_post_hook(AnchorHead._refresh_host_state)
+
+    @staticmethod
+    def _refresh_host_state(module: AnchorHead, incompatible_keys) -> None:
+        module._progress = float(module.progress)
+        module._initialised = bool(module.initialised)
 
     def config(self) -> dict:
         return {
@@ -184,24 +193,34 @@ class AnchorHead(nn.Module):
     @property
     def trust(self) -> float:
         """τ: 0 until the anchors are initialised, then a linear ramp to 1 over the rest of training."""
-        if not bool(self.initialised):
+        if not self._initialised:
             return 0.0
-        return float(min(1.0, max(0.0, (float(self.progress) - self.warmup) / max(1e-6, 1 - self.warmup))))
+        return float(min(1.0, max(0.0, (self._progress - self.warmup) / max(1e-6, 1 - self.warmup))))
 
     def set_progress(self, fraction: float) -> None:
         """Called by the training loop before each step (fraction of all steps done); initialises the anchors from
-        the accumulated class means once the warm-up is over."""
+        the accumulated class means once the warm-up is over. Every rank of a distributed run calls it at the same
+        step, so the class means are summed over all ranks first and every rank starts from the same anchors."""
+        self._progress = float(fraction)
         self.progress.fill_(fraction)
-        if not bool(self.initialised) and fraction >= self.warmup and bool((self.mean_counts > 0).any()):
-            seen = self.mean_counts > 0
-            means = self.mean_sums / self.mean_counts.clamp_min(1).unsqueeze(1)  # [C, D]
-            # A class absent from the warm-up starts at the mean of all embeddings (the separation term moves it).
-            overall = self.mean_sums[seen].sum(dim=0) / self.mean_counts[seen].sum()
-            means = torch.where(seen.unsqueeze(1), means, overall)
-            spread = means.std() * 0.05 if self.k > 1 or not bool(seen.all()) else 0.0
-            with torch.no_grad():
-                self.anchors.copy_(means.unsqueeze(1) + spread * torch.randn_like(self.anchors))
-            self.initialised.fill_(True)
+        if self._initialised or fraction < self.warmup:
+            return
+        sums, counts = self.mean_sums.clone(), self.mean_counts.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        seen = counts > 0
+        if not bool(seen.any()):  # nothing accumulated yet (one host sync, only until the anchors start)
+            return
+        means = sums / counts.clamp_min(1).unsqueeze(1)  # [C, D]
+        # A class absent from the warm-up starts at the mean of all embeddings (the separation term moves it).
+        overall = sums[seen].sum(dim=0) / counts[seen].sum()
+        means = torch.where(seen.unsqueeze(1), means, overall)
+        spread = means.std() * 0.05 if self.k > 1 or not bool(seen.all()) else 0.0
+        with torch.no_grad():
+            self.anchors.copy_(means.unsqueeze(1) + spread * torch.randn_like(self.anchors))
+        self.initialised.fill_(True)
+        self._initialised = True
 
     def set_class_weights(self, counts: torch.Tensor) -> None:
         """Inverse-frequency weights N / (C·n_k) from the training split's class counts."""
@@ -209,7 +228,13 @@ class AnchorHead(nn.Module):
         self.class_weights.copy_(counts.sum() / (len(counts) * counts))
 
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        e = self.reduce(embedding.float())  # [B, D']
+        # Distances, softmaxes and the class-mean buffers stay fp32 under bf16/fp16 autocast: the anchors' geometry
+        # is what this head is about, and index_add_ into the fp32 buffers needs fp32 embeddings.
+        with torch.autocast(embedding.device.type, enabled=False):
+            return self._forward(embedding.float(), logits.float())
+
+    def _forward(self, embedding: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        e = self.reduce(embedding)  # [B, D']
         distances = torch.cdist(e.unsqueeze(1), self.anchors.reshape(1, -1, self.dim)).reshape(
             len(e), self.num_classes, self.k
         )  # [B, C, K]
@@ -232,15 +257,15 @@ class AnchorHead(nn.Module):
     def losses(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         e, distances, p = outputs["anchor_embedding"], outputs["anchor_distances"], outputs["probs"]
         labels = batch["label"].to(e.device)
-        if not bool(self.initialised):  # warm-up: accumulate the class means the anchors will start from
+        if not self._initialised:  # warm-up: accumulate the class means the anchors will start from
             with torch.no_grad():
-                self.mean_sums.index_add_(0, labels, e.detach())
+                self.mean_sums.index_add_(0, labels, e.detach().float())
                 self.mean_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
             zero = self.anchors.sum() * 0.0
             return {"anchor_center": zero, "anchor_separation": zero}
         tau = self.trust
         c = confidence(p) if self.mode == "arbex" else confidence(p).detach()
-        nearest = distances[torch.arange(len(e)), labels].amin(dim=1)  # [B]
+        nearest = distances[torch.arange(len(e), device=e.device), labels].amin(dim=1)  # [B]
         center = (c * nearest).mean() / math.sqrt(self.dim)
         if self.mode == "arbex":
             flat = self.anchors.reshape(self.num_classes, -1)

@@ -30,6 +30,7 @@ from torch import nn
 
 from fer_bench.errors import ConfigError
 from fer_bench.models.heads._base import HeadContext, check_range
+from fer_bench.runtime import global_mean
 
 ATTENTION_KINDS: tuple[str, ...] = ("channel_mean", "token_norm", "cls_attention")
 MAP_KINDS: tuple[str, ...] = ("codebook", "generic", "template")
@@ -58,7 +59,8 @@ def attention_from_tokens(tokens: torch.Tensor, kind: str) -> torch.Tensor:
 def alignment_loss(attention: torch.Tensor, heatmap: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """mean over valid samples of 1 − cos(attention, heatmap at the attention's resolution); 0 when none is valid.
 
-    attention [B, h, w]; heatmap [B, S, S] in [0, 1]; valid [B] bool.
+    attention [B, h, w]; heatmap [B, S, S] in [0, 1]; valid [B] bool. Computed with weights rather than by
+    selecting the valid rows, so it never asks the device how many there are (no host sync inside a step).
 
     Example:
         >>> a = torch.zeros(2, 2, 2); a[:, 0, 0] = 1.0
@@ -66,11 +68,11 @@ def alignment_loss(attention: torch.Tensor, heatmap: torch.Tensor, valid: torch.
         >>> float(alignment_loss(a, m, torch.tensor([True, False])))
         0.0
     """
-    if not bool(valid.any()):
-        return attention.sum() * 0.0  # keeps the graph (and DDP) happy with a zero
-    target = F.adaptive_avg_pool2d(heatmap[valid].unsqueeze(1).float(), attention.shape[-2:]).flatten(1)  # [V, h*w]
-    cos = F.cosine_similarity(attention[valid].flatten(1).float(), target, dim=1, eps=1e-8)
-    return (1 - cos).mean()
+    target = F.adaptive_avg_pool2d(heatmap.unsqueeze(1).float(), attention.shape[-2:]).flatten(1)  # [B, h*w]
+    # (under DDP the mean is over every rank's valid samples: runtime.global_mean)
+    cos = F.cosine_similarity(attention.flatten(1).float(), target, dim=1, eps=1e-8)  # [B]
+    weight = valid.to(cos.dtype)
+    return global_mean(((1 - cos) * weight).sum(), weight.sum())
 
 
 class AUHeatmapHead(nn.Module):

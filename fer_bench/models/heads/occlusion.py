@@ -23,6 +23,9 @@ Loss terms: ``occ_detect`` (``detect_weight`` · BCE), ``occ_recon`` (``recon_we
 (``consistency_weight`` · KL). Training draws synthetic occluders on clean images (``augment``: probability,
 ``occluders``: kinds; see :mod:`fer_bench.data.occluders`), keeping the clean image for the last two terms.
 
+The supervised detector's training step never waits on the device; the one-class detector's statistics update
+reads it (its quantile threshold over a memory of clean scores), one host sync per step.
+
 Options (recipe ``model.heads.occlusion``): ``layer`` (default: the middle, n // 2 − 1), ``detector``, ``threshold``
 (0.5, on the detector's probability), ``min_occupancy`` (0.25), ``quantile`` (0.99), ``teacher_forcing`` (true),
 ``decoder_dim`` (128), ``decoder_depth`` (1), ``detect_weight`` (1.0), ``recon_weight`` (1.0),
@@ -39,6 +42,7 @@ from torch import nn
 
 from fer_bench.errors import ConfigError
 from fer_bench.models.heads._base import HeadContext, check_range
+from fer_bench.runtime import global_mean
 
 DETECTORS: tuple[str, ...] = ("supervised", "one_class")
 _SCORE_MEMORY = 4096
@@ -76,10 +80,7 @@ def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, pixel_mask: to
         1.0
     """
     weight = pixel_mask.float().unsqueeze(1).expand_as(target)
-    total = weight.sum()
-    if total == 0:
-        return reconstruction.sum() * 0.0
-    return ((reconstruction - target).abs() * weight).sum() / total
+    return global_mean(((reconstruction - target).abs() * weight).sum(), weight.sum())  # no host sync
 
 
 class _Decoder(nn.Module):
@@ -141,6 +142,8 @@ class OcclusionHead(nn.Module):
         if self.layer == context.num_layers - 1:
             raise ConfigError(f"{opt}layer={layer}: the mask token needs at least one layer after it; use <= -2")
         self.detector_kind = detector
+        # The one-class detector never trains the supervised MLP: DDP must be told those weights get no gradient.
+        self.unused_parameters = detector == "one_class"
         self.threshold = check_range(opt + "threshold", threshold, 0.0, 1.0)
         self.min_occupancy = check_range(opt + "min_occupancy", min_occupancy, 0.0, 1.0)
         self.quantile = check_range(opt + "quantile", quantile, 0.5, 1.0)
@@ -244,11 +247,11 @@ class OcclusionHead(nn.Module):
             if clean_outputs is not None:
                 occupancy = outputs.get("occlusion_occupancy", masked.float())
                 occluded = keep & (masked.flatten(1).any(dim=1) | (occupancy.flatten(1).amax(dim=1) > 0))
-                if bool(occluded.any()):
-                    teacher = torch.softmax(clean_outputs["logits"].detach().float()[occluded], dim=1)
-                    student = torch.log_softmax(outputs["logits"].float()[occluded], dim=1)
-                    kl = F.kl_div(student, teacher, reduction="batchmean")
-                else:
-                    kl = outputs["logits"].sum() * 0.0
+                teacher = torch.softmax(clean_outputs["logits"].detach().float(), dim=1)
+                student = torch.log_softmax(outputs["logits"].float(), dim=1)
+                per_sample = F.kl_div(student, teacher, reduction="none").sum(dim=1)  # [B]
+                # the mean over occluded samples, by weights: no host sync, and 0 when none is occluded
+                weight = occluded.float()
+                kl = global_mean((per_sample * weight).sum(), weight.sum())
                 out["occ_consistency"] = self.consistency_weight * kl
         return out
