@@ -163,13 +163,16 @@ def train(
         from fer_bench.runtime import torchrun_command
 
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus > available:
-            raise ConfigError(
-                f"--gpus {gpus}: this machine has {available} CUDA device(s). To run N processes on CPUs instead: "
-                f"torchrun --standalone --nproc-per-node N -m fer_bench train {recipe} --set runtime.device=cpu"
-            )
         args = ["train", str(recipe), *(x for item in set_ or [] for x in ("--set", item))]
         args += ["--resume"] if resume else []
+        if gpus > available:
+            import shlex
+
+            cpu = " ".join(shlex.quote(a) for a in [*args, "--set", "runtime.device=cpu"])
+            raise ConfigError(
+                f"--gpus {gpus}: this machine has {available} CUDA device(s). To run {gpus} processes on CPUs "
+                f"instead: torchrun --standalone --nproc-per-node {gpus} -m fer_bench {cpu}"
+            )
         raise typer.Exit(subprocess.call(torchrun_command(gpus, args)))
     with _progress() as progress:
         result = fit(config, resume=resume, callbacks=_CliCallbacks(progress), recipe_path=recipe)
@@ -309,6 +312,8 @@ def eval_(
 
     if (checkpoint is None) == (predictions is None):
         raise ConfigError("give exactly one of --checkpoint PATH or --predictions FILE.csv")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision: expected fp32 or bf16, got {precision!r}")
     protocol = get_protocol(dataset)
     state = None
     if checkpoint is not None:  # read the (small) checkpoint before the (possibly large) dataset
@@ -736,10 +741,11 @@ def data_cache(
     the dataset and the parameters are unchanged, and rebuilt (saying why) otherwise. Train from it with
     --set data.cache=FOLDER.
     """
-    from fer_bench.data.cache import auto_cache_dir, cached_dataset
+    from fer_bench.data.cache import auto_cache_dir, cached_dataset, check_cache_folder
 
     info, options = _load_dataset(dataset, root, option)
     folder = out or auto_cache_dir(info.name, root, size=size, options=options)
+    check_cache_folder(folder)  # before the progress bar: a wrong --out is one line
     with _progress() as progress:
         task = progress.add_task(f"caching {dataset}", total=len(info.manifest), info="")
         cached = cached_dataset(

@@ -47,13 +47,26 @@ def resolve_device(name: str = "auto", *, local_rank: int | None = None) -> torc
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device: {name!r} was asked for but no CUDA device is available")
     if name == "cuda" and local_rank is not None:
-        return torch.device("cuda", local_rank)
+        # several processes may share a GPU (more ranks than devices): wrap around, as init_distributed does
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU runs bf16 matrix work natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    """True when this CPU runs bf16 matrix work natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated.
+
+    Read from the CPU flags on Linux (torch's capability string says AVX512 on every AVX-512 CPU, Skylake
+    included, which has no bf16 instructions); elsewhere the capability string decides.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
 
 def autocast_dtype(precision: str, device: torch.device, *, force: bool = False) -> torch.dtype | None:
@@ -213,7 +226,12 @@ def init_distributed(device_name: str = "auto") -> DistContext:
         # Several processes may share one GPU (the CI-style check of NCCL on a single card): wrap around.
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # rank 0 alone builds the cache of a large dataset and runs the test evaluation while the others wait in a
+        # barrier: allow more than NCCL's default 10 minutes for that
+        minutes = float(os.environ.get("FER_BENCH_DIST_TIMEOUT_MIN", "120"))
+        import datetime
+
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
@@ -223,6 +241,17 @@ def shutdown_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(ctx: DistContext, decision: bool) -> bool:
+    """Rank 0's ``decision`` on every rank (a decision from a clock must be taken once, or the ranks diverge)."""
+    if not ctx.distributed:
+        return decision
+    import torch.distributed as dist
+
+    shared = [bool(decision)]
+    dist.broadcast_object_list(shared, src=0)
+    return bool(shared[0])
 
 
 def barrier(ctx: DistContext) -> None:

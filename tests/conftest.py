@@ -49,3 +49,22 @@ def tiny_recipe_dict(root: Path, out: Path, **overrides) -> dict:
         section, field = key.split(".")
         recipe[section][field] = value
     return recipe
+
+
+class Recorder:
+    """Training callbacks that keep the messages (``fit(..., callbacks=Recorder())``)."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+    def start_epoch(self, *args) -> None:
+        pass
+
+    def step(self, loss) -> None:
+        pass
+
+    def end_epoch(self, row) -> None:
+        pass

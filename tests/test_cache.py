@@ -189,7 +189,7 @@ def test_training_from_a_cache_alone_and_the_cli_names_the_cache(tiny_synthfer, 
 
     from fer_bench.cli import app
     from fer_bench.train import fit, recipe_from_dict
-    from tests.conftest import tiny_recipe_dict
+    from tests.conftest import Recorder, tiny_recipe_dict
 
     root = tmp_path / "synth"
     shutil.copytree(tiny_synthfer, root)
@@ -202,22 +202,10 @@ def test_training_from_a_cache_alone_and_the_cli_names_the_cache(tiny_synthfer, 
     shutil.rmtree(root)  # only the cache travels to the training machine
     recipe = tiny_recipe_dict(root, tmp_path, **{"optim.epochs": 1})
     recipe["data"]["cache"] = str(folder)
-    said: list[str] = []
+    recorder = Recorder()
+    said = recorder.messages
 
-    class Say:
-        def message(self, text):
-            said.append(text)
-
-        def start_epoch(self, *a):
-            pass
-
-        def step(self, loss):
-            pass
-
-        def end_epoch(self, row):
-            pass
-
-    out = fit(recipe_from_dict(recipe), callbacks=Say())
+    out = fit(recipe_from_dict(recipe), callbacks=recorder)
     assert out.test_results["n"] == 48
     assert any("training from the prepared cache" in m for m in said)
     resolved = yaml.safe_load((out.output_dir / "recipe.resolved.yaml").read_text())["_resolved"]
@@ -231,3 +219,58 @@ def test_auto_cache_folder_is_stable_and_keyed_on_root_options_and_size(tmp_path
     assert a.parent == tmp_path and a.name.startswith("rafdb-224px-")
     assert a != auto_cache_dir("rafdb", tmp_path / "y", size=224, options={"images": "aligned"})
     assert a != auto_cache_dir("rafdb", tmp_path / "x", size=112, options={"images": "aligned"})
+
+
+def test_a_folder_that_is_not_a_cache_is_never_replaced(tmp_path):
+    root = formats.write_rafdb_official(tmp_path / "raf", per_code_train=2)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    from fer_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds files a fer_bench cache does not"):
+        prepare_cache(get_dataset("rafdb", root), out=precious, size=24, message=lambda m: None)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(ConfigError, match="holds files"):  # the dataset root itself, by mistake
+        prepare_cache(get_dataset("rafdb", root), out=root, size=24, message=lambda m: None)
+    assert (root / "basic" / "EmoLabel" / "list_patition_label.txt").is_file()
+    # a folder whose cache.yaml is someone else's file (or a broken card) next to other files: still not replaced
+    (precious / "cache.yaml").write_text("redis: {host: localhost}\n")
+    with pytest.raises(ConfigError, match="thesis.tex"):
+        prepare_cache(get_dataset("rafdb", root), out=precious, size=24, message=lambda m: None)
+    assert (precious / "thesis.tex").is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        prepare_cache(get_dataset("rafdb", root), out=tmp_path / "afile", size=24, message=lambda m: None)
+    with pytest.raises(DataError, match="while preparing the cache"):  # a place that cannot be written
+        prepare_cache(get_dataset("rafdb", root), out=tmp_path / "afile" / "sub", size=24, message=lambda m: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_cache(get_dataset("rafdb", root), out=empty, size=24, message=lambda m: None)  # an empty folder is fine
+    assert (empty / "cache.yaml").is_file()
+
+
+def test_a_changed_group_annotation_rebuilds_the_cache(tmp_path):
+    root = formats.write_rafdb_official(tmp_path / "raf", per_code_train=2)
+    info = get_dataset("rafdb", root)
+    folder = tmp_path / "cache"
+    prepare_cache(info, out=folder, size=24, message=lambda m: None)
+    column = info.group_columns[0]
+    info.manifest.loc[0, column] = "corrected"
+    said, say = _messages()
+    prepare_cache(info, out=folder, size=24, message=say)
+    assert "the source changed" in said[0]
+    assert open_cache(folder).manifest[column].tolist().count("corrected") == 1
+
+
+def test_a_card_of_the_wrong_shape_is_rebuilt_not_a_traceback(tmp_path):
+    root = formats.write_rafdb_official(tmp_path / "raf", per_code_train=2)
+    folder = tmp_path / "cache"
+    prepare_cache(get_dataset("rafdb", root), out=folder, size=24, message=lambda m: None)
+    for text in ("dataset: rafdb\nparameters: 5\ncounts: 3\n", "parameters: {size: 24}\ncounts: {train: abc}\n", ""):
+        (folder / "cache.yaml").write_text(text)
+        with pytest.raises(DataError, match="cache.yaml"):
+            open_cache(folder)
+        said, say = _messages()
+        prepare_cache(get_dataset("rafdb", root), out=folder, size=24, message=say)
+        assert "rebuilding" in said[0] and "cache.yaml" in said[0]

@@ -75,3 +75,17 @@ def test_two_gloo_processes_end_with_the_figures_of_one(tiny_synthfer, tmp_path)
     runs = mlflow.search_runs(experiment_names=["tests"])
     assert len(runs) == 2  # one per training, never one per rank
     assert not list(two.glob(".*.tmp"))
+
+    # stopped inside the first epoch (runtime.max_steps), before the anchors start, then resumed: the epoch's sums
+    # and the anchors' class means, gathered over both ranks when saved, are counted once
+    stopped = tmp_path / "stopped"
+    _run([*launch, *train, "--set", f"output_dir={stopped}", "--set", "runtime.max_steps=2"], env)
+    position = load_checkpoint(stopped / "last.pt")["position"]
+    assert position == {"epoch": 0, "step": 2}
+    _run([*launch, *train, "--set", f"output_dir={stopped}", "--resume"], env)
+    c = _summary(stopped)
+    assert [r["epoch"] for r in c] == ["0", "1"]
+    for rb, rc in zip(b, c, strict=True):
+        assert rb["val_acc"] == rc["val_acc"], (rb, rc)
+        for key in ("val_loss", "train_loss", "train_acc", "loss_anchor_center"):
+            assert float(rb[key]) == pytest.approx(float(rc[key]), rel=1e-5, abs=1e-7), (key, rb, rc)

@@ -120,6 +120,16 @@ def test_eval_batches_equal_the_evaluator_pipeline(cached):
     assert batch["label"].tolist() == dataset.labels[:16].tolist()
 
 
+def test_validation_from_a_larger_cache_sees_the_evaluators_pixels(tiny_synthfer, tmp_path):
+    info = get_dataset("synthfer", tiny_synthfer)
+    big = cached_dataset(info, cache=str(tmp_path / "c48"), size=48, message=lambda m: None)
+    loader = DeviceLoader(big, "val", device=CPU, img_size=32, batch_size=32, train=False)
+    batch = next(iter(loader))
+    dataset = FaceDataset.from_info(big, "val", transform=create_transform(train=False, img_size=32))
+    expected = torch.stack([dataset[i]["image"] for i in range(32)])
+    torch.testing.assert_close(batch["image"], expected, atol=2e-5, rtol=0)  # cv2 INTER_AREA, as the evaluator
+
+
 def test_a_sample_is_augmented_alike_on_any_rank_and_residency(cached):
     common = dict(device=CPU, img_size=32, augment=AugmentOptions(color=0.5, blur=0.3, erasing=0.3), seed=4)
     one = DeviceLoader(cached, "train", batch_size=16, **common)

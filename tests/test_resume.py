@@ -19,7 +19,7 @@ import yaml
 from fer_bench.errors import CheckpointError
 from fer_bench.models.checkpoint import load_checkpoint
 from fer_bench.train import fit, recipe_from_dict, timing_free
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import Recorder, tiny_recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
@@ -95,22 +95,10 @@ def test_kill_9_at_any_moment_then_resume_reproduces_the_uninterrupted_run(tiny_
 
 
 def _fit(recipe: dict, *, resume: bool = False):
-    said: list[str] = []
+    recorder = Recorder()
+    said = recorder.messages
 
-    class Say:
-        def message(self, text):
-            said.append(text)
-
-        def start_epoch(self, *a):
-            pass
-
-        def step(self, loss):
-            pass
-
-        def end_epoch(self, row):
-            pass
-
-    return fit(recipe_from_dict(recipe), resume=resume, callbacks=Say()), said
+    return fit(recipe_from_dict(recipe), resume=resume, callbacks=recorder), said
 
 
 def test_stale_best_checkpoint_is_repaired_and_finished_runs_log_once(tiny_synthfer, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from fer_bench.errors import CheckpointError, ConfigError
 from fer_bench.models.checkpoint import load_checkpoint
 from fer_bench.train import fit, recipe_from_dict
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import Recorder, tiny_recipe_dict
 
 
 def _summary(path):
@@ -103,25 +103,13 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
 
 
 def test_unreachable_tracking_store_does_not_stop_training(tiny_synthfer, tmp_path):
-    messages = []
-
-    class Collect:
-        def message(self, text):
-            messages.append(text)
-
-        def start_epoch(self, *a):
-            pass
-
-        def step(self, loss):
-            pass
-
-        def end_epoch(self, row):
-            pass
+    recorder = Recorder()
+    messages = recorder.messages
 
     recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
     (tmp_path / "afile").write_text("x")
     recipe["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/afile/mlflow.db"
-    result = fit(recipe_from_dict(recipe), callbacks=Collect())
+    result = fit(recipe_from_dict(recipe), callbacks=recorder)
     assert (result.output_dir / "best.pt").is_file()
     warnings = [m for m in messages if "MLflow" in m]
     assert len(warnings) == 1 and "continuing without tracking" in warnings[0]
@@ -132,22 +120,10 @@ def test_compiled_training_keeps_plain_checkpoint_keys_and_reports_compile_time(
 
     recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
     recipe["runtime"] |= {"compile": True, "compile_backend": "eager"}  # eager: tracing without code generation
-    messages = []
+    recorder = Recorder()
+    messages = recorder.messages
 
-    class Collect:
-        def message(self, text):
-            messages.append(text)
-
-        def start_epoch(self, *a):
-            pass
-
-        def step(self, loss):
-            pass
-
-        def end_epoch(self, row):
-            pass
-
-    result = fit(recipe_from_dict(recipe), callbacks=Collect())
+    result = fit(recipe_from_dict(recipe), callbacks=recorder)
     state = load_checkpoint(result.output_dir / "best.pt")
     assert not any("_orig_mod" in key for key in state["model"])  # compiled in place: the keys of the module
     model_from_checkpoint(state)  # loads strictly into an uncompiled model
@@ -168,3 +144,49 @@ def test_ema_weights_are_validated_and_kept_in_best(tiny_synthfer, tmp_path):
     assert not torch.equal(last["ema"][name], last["model"][name])  # the average lags the weights
     if best["global_step"] == last["global_step"]:
         assert torch.equal(best["model"][name], last["ema"][name])  # best.pt holds what was validated
+
+
+@pytest.mark.parametrize(
+    ("cache", "loader"), [("auto", "albumentations"), ("off", "albumentations"), ("auto", "device")]
+)
+def test_the_recipe_chooses_the_loader_and_the_run_records_it(tiny_synthfer, tmp_path, cache, loader):
+    import yaml
+
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
+    recipe["data"] |= {"cache": cache, "loader": loader}
+    recipe["tracking"]["enabled"] = False
+    result = fit(recipe_from_dict(recipe))
+    resolved = yaml.safe_load((result.output_dir / "recipe.resolved.yaml").read_text())["_resolved"]
+    assert resolved["loader"] == loader and (resolved["cache"] == "off") == (cache == "off")
+    assert result.test_results["n"] == 48
+
+
+def test_device_loader_without_a_cache_is_a_config_error(tiny_synthfer, tmp_path):
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path)
+    recipe["data"] |= {"cache": False, "loader": "device"}  # YAML's bare `off` arrives as False
+    with pytest.raises(ConfigError, match="data.loader=device needs the prepared cache"):
+        fit(recipe_from_dict(recipe))
+
+
+def test_a_second_training_into_a_busy_folder_stops_and_a_failed_start_leaves_no_folder(tiny_synthfer, tmp_path):
+    import fcntl
+    import stat
+
+    recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
+    busy = tmp_path / "run"
+    busy.mkdir()
+    with open(busy / ".run.lock", "a+") as held:  # what a training in progress holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another training is writing there"):
+            fit(recipe_from_dict(recipe))
+    assert sorted(p.name for p in busy.iterdir()) == [".run.lock"]  # nothing written by the refused run
+    result = fit(recipe_from_dict(recipe))  # the lock is free again
+    from fer_bench._io import _umask
+
+    for name in ("summary.csv", "last.pt", "eval/results.json"):  # atomic writes get the user's usual permissions
+        mode = stat.S_IMODE((result.output_dir / name).stat().st_mode)
+        assert mode == 0o666 & ~_umask(), (name, oct(mode))
+    bad = tiny_recipe_dict(tiny_synthfer, tmp_path / "b", **{"optim.batch_size": 10_000})
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        fit(recipe_from_dict(bad))
+    assert not (tmp_path / "b" / "run").exists()  # no empty run folder left behind

@@ -50,6 +50,7 @@ from fer_bench.errors import ConfigError, DataError
 CACHE_FORMAT_VERSION = 1
 DEFAULT_CACHE_SIZE = 256
 _CHUNK = 64
+_CACHE_FILES = frozenset({"cache.yaml", "rows.parquet", *(f"{split}.npy" for split in SPLITS)})
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,13 @@ def source_fingerprint(info: DatasetInfo) -> str:
     h = hashlib.sha256()
     h.update(f"{info.name}|{info.label_space.name}|{','.join(info.label_space.names)}\n".encode())
     manifest = info.manifest
-    for column in ("image_id", "split", "label", "path", "array_index", "bbox", "landmarks", "soft_target"):
-        if column in manifest.columns:
-            h.update(column.encode())
-            _hash_column(h, manifest[column].tolist())
+    for column in manifest.columns:  # every column travels into rows.parquet (groups, subsets, AU intensities, ...)
+        h.update(str(column).encode())
+        _hash_column(h, manifest[column].tolist())
+    h.update(f"{info.group_columns}|{info.subset_columns}|{info.target_kind}|{info.protocol}".encode())
     synth = info.extras.get("synth_config")
-    if synth is not None:
-        h.update(repr(synth).encode())
+    if synth is not None:  # the generator's parameters, its version included, and the code that renders
+        h.update(f"{synth!r}|fer_bench {__version__}".encode())
         return h.hexdigest()
     images = info.extra("images")
     if isinstance(images, np.ndarray):
@@ -213,8 +214,17 @@ def read_cache_card(folder: Path) -> dict[str, Any]:
         card = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: unreadable ({str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(card, dict) or "parameters" not in card or "counts" not in card:
-        raise DataError(f"{path}: not a fer_bench cache card (expected 'parameters' and 'counts')")
+    if not isinstance(card, dict) or not isinstance(card.get("parameters"), dict):
+        raise DataError(f"{path}: not a fer_bench cache card (expected a 'parameters' mapping and 'counts')")
+    counts = card.get("counts")
+    if not isinstance(counts, dict) or not all(
+        s in SPLITS and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for s, n in counts.items()
+    ):
+        raise DataError(f"{path}: 'counts' must map splits {list(SPLITS)} to image counts, got {counts!r}")
+    if not isinstance(card["parameters"].get("size"), int):
+        raise DataError(
+            f"{path}: parameters.size must be the image side in pixels, got {card['parameters'].get('size')!r}"
+        )
     return card
 
 
@@ -468,7 +478,36 @@ def prepare_cache(
     Safe against concurrent callers (a lock serialises builds) and against being killed (builds are atomic).
     """
     out = Path(out)
+    check_cache_folder(out)
     spec = cache_spec(info, size=size, options=options)
+    try:
+        return _prepare(info, out=out, spec=spec, size=size, workers=workers, progress=progress, message=message)
+    except OSError as exc:  # an unwritable, read-only or busy place: one line naming it, not a traceback
+        where = exc.filename or out
+        raise DataError(f"{where}: {exc.strerror or exc} (while preparing the cache {out})") from None
+
+
+def check_cache_folder(out: Path) -> None:
+    """Refuse a cache location that holds anything fer_bench did not write there: replacing it (a rebuild renames
+    the whole folder) would delete the user's files. An empty folder, a missing one or a cache is fine.
+
+    Raises:
+        ConfigError: ``out`` is a file, or a folder with files that are not a cache's.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"cache folder {out}: is a file, not a folder; choose another --out / data.cache")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _CACHE_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"cache folder {out}: holds files a fer_bench cache does not ({shown}); it is not a cache and would be "
+            "replaced by one, so choose another folder"
+        )
+
+
+def _prepare(info, *, out: Path, spec: CacheSpec, size: int, workers, progress, message) -> Path:
     with _locked(out):
         reason = stale_reason(out, spec)
         if reason is None:

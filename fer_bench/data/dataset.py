@@ -22,7 +22,7 @@ from fer_bench.errors import ConfigError, DataError
 HEATMAP_MODES: tuple[str, ...] = ("codebook", "generic", "template", "truth")
 
 # iBUG-300W 68-point left/right correspondence, for horizontal flips.
-_IBUG68_FLIP = np.array(
+IBUG68_FLIP = np.array(
     list(range(16, -1, -1))
     + list(range(26, 16, -1))
     + [27, 28, 29, 30, 35, 34, 33, 32, 31]
@@ -30,7 +30,7 @@ _IBUG68_FLIP = np.array(
     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]
     + [64, 63, 62, 61, 60, 67, 66, 65]
 )
-_FIVE_POINT_FLIP = np.array([1, 0, 2, 4, 3])
+FIVE_POINT_FLIP = np.array([1, 0, 2, 4, 3])
 
 
 def decode_image(path: Path) -> np.ndarray:
@@ -88,7 +88,7 @@ def flip_landmarks(points: np.ndarray, width: int) -> np.ndarray:
     """Mirror (N, 2) landmarks horizontally and swap left/right indices (68- or 5-point order)."""
     mirrored = points.copy()
     mirrored[:, 0] = width - 1 - mirrored[:, 0]
-    order = _IBUG68_FLIP if len(points) == 68 else _FIVE_POINT_FLIP if len(points) == 5 else None
+    order = IBUG68_FLIP if len(points) == 68 else FIVE_POINT_FLIP if len(points) == 5 else None
     return mirrored[order] if order is not None else mirrored
 
 

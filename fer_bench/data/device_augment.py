@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fer_bench.data.dataset import FIVE_POINT_FLIP, IBUG68_FLIP
 from fer_bench.data.occluders import OCCLUDER_KINDS
 from fer_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentOptions
 
@@ -36,16 +37,8 @@ F_OCCLUDE, F_KIND, F_OCC = 22, 23, 24  # F_OCC .. F_OCC + 29: occluder shape par
 F_COLOUR = 54  # .. 59: occluder colour, skin tone and factor, texture strength
 F_TARGET = 60
 
-# iBUG-300W 68-point and 5-point left/right correspondences (as the CPU path's flip_landmarks).
-FLIP68 = (
-    list(range(16, -1, -1))
-    + list(range(26, 16, -1))
-    + [27, 28, 29, 30, 35, 34, 33, 32, 31]
-    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]
-    + [64, 63, 62, 61, 60, 67, 66, 65]
-)
-FLIP5 = [1, 0, 2, 4, 3]
+# iBUG-300W 68-point and 5-point left/right correspondences, as the CPU path's flip_landmarks
+FLIP68, FLIP5 = IBUG68_FLIP.tolist(), FIVE_POINT_FLIP.tolist()
 _SKIN = ((246, 222, 204), (212, 165, 125), (176, 124, 86), (131, 86, 56), (84, 56, 40))
 
 

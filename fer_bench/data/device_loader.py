@@ -72,7 +72,22 @@ class _Pixels:
         self.residency = choose_residency(residency, nbytes=nbytes, device=device)
         self.resident: torch.Tensor | None = None
         if self.residency == "device":
-            self.resident = torch.from_numpy(images.take(array_index)).to(device)
+            # uploaded in chunks, so the host never holds a second full copy (AffectNet at 224 px is 43 GB)
+            n, chunk = len(array_index), 4096
+            self.resident = torch.empty((n, self.size, self.size, 3), dtype=torch.uint8, device=device)
+            for start in range(0, n, chunk):
+                part = torch.from_numpy(images.take(array_index[start : start + chunk]))
+                self.resident[start : start + len(part)] = part.to(device)
+
+    def resize_all(self, size: int) -> None:
+        """Hold every row resized to ``size`` with cv2 INTER_AREA (the evaluator's resize), on the device: what
+        validation uses when the cache is larger than the training size, so it sees the test's pixels."""
+        import cv2
+
+        images = self.images.take(self.array_index)
+        resized = np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in images])
+        self.resident = torch.from_numpy(resized.reshape(len(images), size, size, 3)).to(self.device)
+        self.residency, self.size = "device", size
 
     @property
     def pin(self) -> bool:
@@ -159,6 +174,8 @@ class DeviceLoader:
         self.rows = rows
         self.epoch = 0
         self.pixels = _Pixels(images, rows["array_index"].to_numpy(dtype=np.int64), device=device, residency=residency)
+        if not train and self.pixels.size != img_size:
+            self.pixels.resize_all(img_size)
         self.cache_size = self.pixels.size
         self.labels = torch.as_tensor(self.labels_np, device=device)
         self.target_kind = info.target_kind if train else "label"

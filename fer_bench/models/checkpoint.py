@@ -30,16 +30,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise CheckpointError(
-            f"{path}: refused — it holds objects that only a full unpickle could load ({first[:160]}); "
-            "fer_bench loads weights-only checkpoints"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        text = str(exc)
+        # torch's weights-only unpickler names the object it refused ("Unsupported global: GLOBAL builtins.print");
+        # anything else (an invalid load key) means the bytes are not a pickle at all
+        refused = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), None)
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused — it holds objects that only a full unpickle could load ({refused[:160]}); "
+                "fer_bench loads weights-only checkpoints"
+            ) from None
+        after = text.split("WeightsUnpickler error:", 1)[-1]  # what the unpickler found, without torch's advice
+        lines = [line.strip() for line in after.splitlines() if line.strip() and "torch.load" not in line]
+        reason = lines[0] if lines else "not a pickle"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         raise CheckpointError(f"{path}: not a fer_bench checkpoint (expected keys 'model' and 'recipe')")
     return state

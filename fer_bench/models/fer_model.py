@@ -55,6 +55,20 @@ class FerModel(nn.Module):
         """Each head's effective settings (recorded in evaluation results)."""
         return {name: head.config() for name, head in self.heads.items()}
 
+    def rank_local_sums(self) -> list[str]:
+        """State-dict names of buffers that sum what this process saw (the anchors' warm-up class means): a
+        distributed checkpoint stores their sum over all ranks."""
+        names = []
+        for head_name, head in self.heads.items():
+            names += [f"heads.{head_name}.{b}" for b in getattr(head, "rank_local_sums", ())]
+        return names
+
+    def zero_rank_local_sums(self) -> None:
+        """Zero those buffers (ranks other than 0 after a distributed resume, so each sum is counted once)."""
+        state = dict(self.named_buffers())
+        for name in self.rank_local_sums():
+            state[name].zero_()
+
     def has_unused_parameters(self) -> bool:
         """True when some weights get no gradient in a training step (DDP then needs find_unused_parameters)."""
         return any(getattr(head, "unused_parameters", False) for head in self.heads.values())

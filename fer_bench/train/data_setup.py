@@ -228,32 +228,19 @@ def build_loaders(
     heads = head_data_options(model, info, augment)
     val_batch = max(global_batch // ctx.world_size, 128)
     if loader == "device":
+        common = dict(device=device, img_size=img_size, rank=ctx.rank, world_size=ctx.world_size, residency=residency)
         train = DeviceLoader(
             info,
             train_split,
-            device=device,
-            img_size=img_size,
             batch_size=global_batch,
             train=True,
             augment=augment,
             seed=seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
             sampler=sampler,
-            residency=residency,
+            **common,
             **heads,
         )
-        val = DeviceLoader(
-            info,
-            val_split,
-            device=device,
-            img_size=img_size,
-            batch_size=val_batch,
-            train=False,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            residency=residency,
-        )
+        val = DeviceLoader(info, val_split, batch_size=val_batch, train=False, **common)
         return RunData(info, train, val, "device", train.residency, train.labels_np, _device_map_sources(train))
     dataset = FaceDataset.from_info(
         info,

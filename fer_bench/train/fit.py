@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from fer_bench.models import FerModel, create_model, set_fused_attention
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from fer_bench.runtime import (
     DistContext,
+    agree,
     autocast_dtype,
     barrier,
     configure_backends,
@@ -194,14 +196,7 @@ class CheckpointPolicy:
             return False
         if self.ctx.distributed and global_step % self.log_every:
             return False
-        due = time.monotonic() - self.last >= self.amount * 60
-        if self.ctx.distributed:
-            import torch.distributed as dist
-
-            flag = [due]
-            dist.broadcast_object_list(flag, src=0)
-            due = bool(flag[0])
-        return due
+        return agree(self.ctx, time.monotonic() - self.last >= self.amount * 60)
 
     def saved(self) -> None:
         self.last = time.monotonic()
@@ -242,21 +237,30 @@ class _Run:
     # -- build -------------------------------------------------------------------------------------------------------
 
     def run(self) -> FitResult:
-        self.resolve_output()
-        self.setup_runtime()
-        self.setup_data()
-        self.setup_model()
-        self.restore()
-        self.setup_tracking()
-        status = "FAILED"
+        self.tracker: Tracker | None = None
+        self._lock, self._created = None, False
         try:
-            self.loop()
-            test_results = self.evaluate_best()
-            barrier(self.ctx)  # no rank leaves (and tears the group down) while rank 0 still evaluates
-            status = "FINISHED"
+            self.resolve_output()
+            self.setup_runtime()
+            self.setup_data()
+            self.setup_model()
+            self.restore()
+            self.setup_tracking()
+            status = "FAILED"
+            try:
+                self.loop()
+                test_results = self.evaluate_best()
+                barrier(self.ctx)  # no rank leaves (and tears the group down) while rank 0 still evaluates
+                status = "FINISHED"
+            finally:
+                if self.tracker is not None:
+                    self.tracker.end(status)
+        except BaseException:
+            self._remove_if_empty()
+            raise
         finally:
-            if self.tracker is not None:
-                self.tracker.end(status)
+            if self._lock is not None:
+                self._lock.close()  # releases the flock (a killed process releases it too)
         return FitResult(
             self.out,
             self.best["epoch"],
@@ -267,6 +271,35 @@ class _Run:
             self.summary,
         )
 
+    def _take_folder(self) -> None:
+        """Create the run folder and hold an exclusive lock on it for the run's lifetime: a second training into the
+        same folder stops at once instead of interleaving its checkpoints with this one's."""
+        self._created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / ".run.lock", "a+")  # noqa: SIM115 (held open until the run ends)
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            handle.close()
+            raise ConfigError(
+                f"output_dir {self.out}: another training is writing there now; wait for it, or --set output_dir=..."
+            ) from None
+        self._lock = handle
+
+    def _remove_if_empty(self) -> None:
+        """A run that failed before writing anything leaves no empty folder behind."""
+        if not (self.ctx.is_main and self._created and self.out.is_dir()):
+            return
+        if all(p.name == ".run.lock" for p in self.out.iterdir()):
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            shutil.rmtree(self.out, ignore_errors=True)
+
     def resolve_output(self) -> None:
         out = str(self.recipe.resolved_output_dir())
         if self.ctx.distributed:  # {time} must name the same folder on every rank
@@ -276,8 +309,15 @@ class _Run:
             dist.broadcast_object_list(shared, src=0)
             out = shared[0]
         self.out = Path(out)
+        if self.ctx.is_main:
+            self._take_folder()
         last = self.out / LAST
         if self.resume:
+            if not last.is_file():
+                raise ConfigError(
+                    f"--resume: {last} not found; pass --set output_dir=<the run folder> (output_dir "
+                    f"{self.recipe.output_dir!r} names {self.out})"
+                )
             self.state = load_checkpoint(last)
             self.recipe = self._resumed_recipe(self.state["recipe"])
         elif last.exists():
@@ -286,7 +326,6 @@ class _Run:
                 f"--set output_dir=... to start a new one"
             )
         if self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             for path in clean_partial_writes(self.out):
                 self.cb.message(f"removed {path.name}, left by a write that was interrupted")
             if self.state is not None:
@@ -467,7 +506,8 @@ class _Run:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            if state.get("scaler") and self.scaler.is_enabled():  # empty when the run had no fp16 scaler
+                self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None:
                 self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
             set_rng_state(state["rng"])
@@ -477,7 +517,11 @@ class _Run:
                 or {"epoch": int(state["best_epoch"]), "global_step": None, "val_acc": float(state["best_val_acc"])}
             )
             self.summary = list(state["summary"])
-            self.partial = state.get("partial")
+            # the epoch's partial sums (and the heads' per-rank sums) were gathered over all ranks when saved:
+            # rank 0 resumes with them, the others from zero, so the next all-reduce counts them once
+            self.partial = state.get("partial") if self.ctx.is_main else None
+            if not self.ctx.is_main:
+                self.model.zero_rank_local_sums()
             self.run_id = state.get("mlflow_run_id")
             where = f"epoch {self.position['epoch'] + 1}, step {self.position['step']}"
             self.cb.message(f"resumed from {self.out / LAST} at {where} (global step {self.scheduler.last_epoch})")
@@ -491,10 +535,20 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             unused = self.model.has_unused_parameters()
+            # ViT/Swin have no BatchNorm and Swin's index buffers never change: nothing to broadcast. A conv stem's
+            # BatchNorm is SyncBatchNorm on GPUs; on CPUs (no SyncBatchNorm) rank 0's running statistics are
+            # broadcast each step, while batch statistics stay per process.
+            has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+            broadcast = has_bn and self.device.type != "cuda"
+            if broadcast:
+                self.cb.message(
+                    "DDP on CPUs: the conv stem's BatchNorm normalises each process's share of the batch "
+                    "(SyncBatchNorm needs CUDA); running statistics follow rank 0"
+                )
             self.forward_model = DDP(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,  # ViT/Swin have no BatchNorm to sync; Swin's index buffers never change
+                broadcast_buffers=broadcast,
                 gradient_as_bucket_view=True,
                 find_unused_parameters=unused,
                 static_graph=not unused,
@@ -570,9 +624,25 @@ class _Run:
 
     # -- loop --------------------------------------------------------------------------------------------------------
 
-    def _checkpoint_state(self, *, epoch_done: int, position: dict[str, int], partial: dict | None) -> dict[str, Any]:
+    def _model_state(self) -> dict[str, Any]:
+        """The model's state dict with per-rank sums (the anchors' warm-up class means) summed over all ranks; a
+        collective under DDP, so every rank calls it."""
+        state = self.model.state_dict()
+        local = self.model.rank_local_sums()
+        if self.ctx.distributed and local:
+            import torch.distributed as dist
+
+            for name in local:
+                total = state[name].detach().clone()
+                dist.all_reduce(total)
+                state[name] = total
+        return state
+
+    def _checkpoint_state(
+        self, *, epoch_done: int, position: dict[str, int], partial: dict | None, model_state: dict
+    ) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -606,6 +676,8 @@ class _Run:
         epoch = self.position["epoch"]
         while not self._finished(epoch):
             start_step = self.position["step"] if epoch == self.position["epoch"] else 0
+            # a row of this epoch was written by a run stopped at runtime.max_steps inside it: the epoch goes on now
+            self.summary = [r for r in self.summary if int(r["epoch"]) < epoch]
             tally = EpochTally.from_state(self.partial if start_step else None, self.device)
             self.partial = None
             loader = self.data.train
@@ -623,9 +695,13 @@ class _Run:
                 if rt.max_steps and self.scheduler.last_epoch >= rt.max_steps:
                     return  # the epoch end right after writes the checkpoint
                 partial = self._gathered(tally)
+                model_state = self._model_state()
                 if self.ctx.is_main:
                     state = self._checkpoint_state(
-                        epoch_done=epoch - 1, position={"epoch": epoch, "step": steps_done}, partial=partial
+                        epoch_done=epoch - 1,
+                        position={"epoch": epoch, "step": steps_done},
+                        partial=partial,
+                        model_state=model_state,
                     )
                     save_checkpoint(self.out / LAST, state)
                 policy.saved()
@@ -676,15 +752,27 @@ class _Run:
             improved = row["val_acc"] > self.best["val_acc"]
             if improved:
                 self.best = {"epoch": epoch, "global_step": self.scheduler.last_epoch, "val_acc": row["val_acc"]}
+            # runtime.max_steps can end an epoch early: the position then stays inside it, with its sums, so a
+            # resume with more steps finishes that epoch (and replaces this row) instead of skipping its remainder
+            steps_done = self.scheduler.last_epoch - epoch * self.steps_per_epoch  # the same on every rank
+            ended = steps_done >= self.steps_per_epoch
+            position = {"epoch": epoch + 1, "step": 0} if ended else {"epoch": epoch, "step": steps_done}
+            partial = None if ended else self._gathered(tally)
+            model_state = self._model_state()
             if self.ctx.is_main:
-                state = self._checkpoint_state(epoch_done=epoch, position={"epoch": epoch + 1, "step": 0}, partial=None)
+                state = self._checkpoint_state(
+                    epoch_done=epoch if ended else epoch - 1,
+                    position=position,
+                    partial=partial,
+                    model_state=model_state,
+                )
                 save_epoch_end(self.out, state, improved=improved)
                 atomic_write_text(self.out / "summary.csv", _summary_csv(self.summary))
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             policy.saved()
             self.cb.end_epoch(row)
             epoch += 1
-            if rt.max_minutes and sum(r["seconds"] for r in self.summary) > rt.max_minutes * 60:
+            if rt.max_minutes and agree(self.ctx, sum(r["seconds"] for r in self.summary) > rt.max_minutes * 60):
                 self.cb.message(f"runtime.max_minutes={rt.max_minutes} reached after epoch {epoch}; stopping")
                 break
             if rt.max_steps and self.scheduler.last_epoch >= rt.max_steps:

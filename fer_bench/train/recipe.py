@@ -190,7 +190,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        found = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        # our own validators already name the value they got
+        said = err["type"] == "extra_forbidden" or "got " in msg
+        found = "" if said else f" (got {err.get('input')!r})"
         parts.append(f"{key}: {msg}{found}")
     return f"{source}: " + "; ".join(parts)
 

@@ -124,6 +124,7 @@ class _BatchAttention(nn.Module):
 
 class AnchorHead(nn.Module):
     name = "anchors"
+    rank_local_sums = ("mean_sums", "mean_counts")  # each DDP rank sums its own samples until the anchors start
 
     def __init__(
         self,
