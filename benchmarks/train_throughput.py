@@ -274,7 +274,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 # CPU: the quickstart epoch, baseline against shipped, alternating in one process
 
 
-def cpu_quickstart(*, epochs: int, root: Path) -> list[dict]:
+def cpu_quickstart(*, epochs: int, root: Path) -> tuple[list[dict], dict]:
     from torch.utils.data import DataLoader
 
     from fer_bench.data import FaceDataset, create_transform, get_dataset
@@ -364,7 +364,8 @@ def cpu_quickstart(*, epochs: int, root: Path) -> list[dict]:
             }
             rows.append(row)
             print(row, flush=True)
-    return rows
+    facts = {"img_size": data.img_size, "batch_size": optim.batch_size, "train_images": len(cached.split("train"))}
+    return rows, facts
 
 
 def main() -> None:
@@ -390,7 +391,7 @@ def main() -> None:
             from fer_bench.data import generate_synthfer
 
             generate_synthfer(out=args.synthfer)
-        rows = cpu_quickstart(epochs=args.epochs, root=args.synthfer)
+        rows, recipe_data = cpu_quickstart(epochs=args.epochs, root=args.synthfer)
         steady = [r for r in rows if r["epoch"] > 0] or rows
         med = {k: statistics.median(r["epoch_s"] for r in steady if r["path"] == k) for k in ("baseline", "shipped")}
         print(
@@ -403,15 +404,16 @@ def main() -> None:
                 "date": _dt.date.today().isoformat(),
                 "device_name": f"cpu ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})",
                 "model": "quickstart (vit_tiny conv stem, depth 2)",
-                "img_size": 64,
-                "batch": 64,
+                "img_size": recipe_data["img_size"],
+                "batch": recipe_data["batch_size"],
                 "precision": str(autocast_dtype("bf16", device) or "fp32").replace("torch.", ""),
                 "compile": False,
                 "heads": "none",
                 "loader": f"{kind}: {'albumentations (decode)' if kind == 'baseline' else 'device (cache in RAM)'}",
                 "devices": 1,
                 "end_to_end_img_s": round(
-                    6000 / statistics.median(r["train_s"] for r in steady if r["path"] == kind), 1
+                    recipe_data["train_images"] / statistics.median(r["train_s"] for r in steady if r["path"] == kind),
+                    1,
                 ),
                 "step_ms_end_to_end": statistics.median(r["step_ms"] for r in steady if r["path"] == kind),
                 "torch": torch.__version__,
