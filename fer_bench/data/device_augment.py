@@ -171,7 +171,12 @@ def warp_images(images: torch.Tensor, geo: Geometry, *, out_size: int, mode: str
     is_mask = images.dim() == 3
     x = images.unsqueeze(1).float() if is_mask else images.permute(0, 3, 1, 2).float()
     theta = _normalised_theta(geo.forward, src_size=images.shape[1], out_size=out_size)
-    grid = F.affine_grid(theta, [len(x), x.shape[1], out_size, out_size], align_corners=False)
+    # affine_grid's sampling grid, built by broadcasting: its batched matmul with K = 3 was the slowest part of the
+    # augmentation on a CPU
+    steps = (torch.arange(out_size, device=x.device, dtype=theta.dtype) * 2 + 1) / out_size - 1  # pixel centres
+    u, v = steps.view(1, 1, -1), steps.view(1, -1, 1)
+    t = theta.view(-1, 6, 1, 1)
+    grid = torch.stack([t[:, 0] * u + t[:, 1] * v + t[:, 2], t[:, 3] * u + t[:, 4] * v + t[:, 5]], dim=-1)
     padding = "zeros" if is_mask else "border"
     out = F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
     return out.squeeze(1) if is_mask else out
