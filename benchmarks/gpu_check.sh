@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU check for the device machine, at most 8 minutes (budget: throughput table ~3 min, a real recipe 2 min of
 # training plus rendering/caching, the 2-process DDP check ~1 min). python3 there has torch, timm, opencv, pandas,
-# torchmetrics; what is missing travels as wheels in .whl/ (albumentations 2.0.8, albucore, mlflow is not needed:
-# every run here sets tracking.enabled=false).   Usage there:  bash benchmarks/gpu_check.sh "$OUT"
+# pyarrow, torchmetrics; what is missing travels as wheels in .whl/, fetched here by benchmarks/gpu_wheels.sh
+# (albumentations 2.0.8 and pydantic with their needs; mlflow is not needed: every run here sets
+# tracking.enabled=false). The device tool's call: carry [".whl"], command `bash benchmarks/gpu_check.sh "$OUT"`,
+# timeout_s 540.
 set -uo pipefail
 OUT_DIR=${1:-/tmp/gpu_check}
 mkdir -p "$OUT_DIR"

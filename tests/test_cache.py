@@ -47,6 +47,10 @@ def test_synthfer_cache_is_rendered_from_the_generator_and_equals_the_pngs(tiny_
     assert card["format_version"] == CACHE_FORMAT_VERSION and card["dataset"] == "synthfer"
     assert card["counts"] == {"train": 96, "val": 32, "test": 48} and card["parameters"]["size"] == 32
     assert card["pixels"] == "rendered by the SynthFER generator" and len(card["source_hash"]) == 64
+    from fer_bench.data import dataset_hash
+
+    manifest = info.manifest
+    assert card["dataset_hash"] == dataset_hash(manifest["image_id"].astype(str), manifest["label"])
     train = np.load(tmp_path / "c" / "train.npy", mmap_mode="r")
     assert train.shape == (96, 32, 32, 3) and train.dtype == np.uint8
     rows = cached.split("test")

@@ -44,7 +44,7 @@ from fer_bench import __version__
 from fer_bench._io import atomic_write_text
 from fer_bench.data.dataset import crop_origin, read_image
 from fer_bench.data.labels import get_label_space
-from fer_bench.data.manifest import SPLITS, DatasetInfo, landmarks_array
+from fer_bench.data.manifest import SPLITS, DatasetInfo, dataset_hash, landmarks_array
 from fer_bench.errors import ConfigError, DataError
 
 CACHE_FORMAT_VERSION = 1
@@ -407,6 +407,8 @@ def build_cache(
             "layout": info.layout,
             "source_root": str(Path(info.root).resolve()),
             "source_hash": spec.source_hash,
+            # the evaluator's hash of the ordered (image_id, label) rows: results from the cache carry the same one
+            "dataset_hash": dataset_hash(manifest["image_id"].astype(str), manifest["label"]),
             "parameters": spec.parameters(),
             "counts": counts,
             "label_space": info.label_space.name,
