@@ -100,6 +100,12 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
     assert (tmp_path / "ev" / "report.md").read_text().startswith("# Evaluation: synthfer / test")
     assert results["protocol"]["name"] == "synthfer" and results["calibration"] and "ece" in results["metrics"]
     assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
+    eval_args = ["eval", "--dataset", "synthfer", "--root", str(tiny_synthfer), "--checkpoint", str(checkpoint)]
+    result = runner.invoke(app, [*eval_args, "--precision", "fp64", "--no-tracking"])
+    _one_line_error(result, "--precision", "fp64")
+    bf16 = runner.invoke(app, [*eval_args, "--precision", "bf16", "--no-tracking", "--bootstrap", "0", "--json"])
+    assert bf16.exit_code == 0, bf16.output  # bf16 autocast where the device has it; recorded in the result
+    assert json.loads(bf16.output[bf16.output.index("{") :])["config"]["precision"] == "bf16"
     # robustness: a seeded perturbation, with flip TTA; the drop is reported against the clean score
     args = [
         "eval",
