@@ -80,6 +80,7 @@ COLUMNS = [
     "step_ms_model_only",
     "step_ms_end_to_end",
     "compile_s",
+    "host_syncs_per_step",
     "torch",
 ]
 
@@ -225,6 +226,20 @@ def measure(
     end_to_end = _timed_steps(model, loader, device=device, amp_dtype=amp_dtype, optimizer=optimizer,
                               scheduler=scheduler, steps=steps, warmup=warmup)  # fmt: skip
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    syncs = None
+    if device.type == "cuda":  # count the host synchronisations of 5 steps (torch's sync debug mode warns on each)
+        import warnings
+
+        loader.set_epoch(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _timed_steps(model, _Fixed(fixed, 6), device=device, amp_dtype=amp_dtype, optimizer=optimizer,
+                             scheduler=scheduler, steps=5, warmup=1)  # fmt: skip
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = round(sum("synchroniz" in str(w.message) for w in caught) / 6, 2)
     ms_model, ms_e2e = statistics.median(model_only), statistics.median(end_to_end)
     ips_model, ips_e2e = batch / ms_model * 1000, batch / ms_e2e * 1000
     return {
@@ -248,6 +263,7 @@ def measure(
         "step_ms_model_only": round(ms_model, 2),
         "step_ms_end_to_end": round(ms_e2e, 2),
         "compile_s": compile_s,
+        "host_syncs_per_step": syncs,
         "torch": torch.__version__,
     }
 
