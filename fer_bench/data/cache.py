@@ -598,6 +598,7 @@ def cached_dataset(
     *,
     cache: str,
     size: int | None,
+    default_size: int = DEFAULT_CACHE_SIZE,
     options: dict[str, Any] | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -608,7 +609,7 @@ def cached_dataset(
     Args:
         cache: ``auto`` (a folder under :func:`default_cache_root`, one per dataset, root, options and size) or a
             cache folder.
-        size: Side of the cached images; None keeps an existing folder's size (else 256).
+        size: Side of the cached images; None keeps the size of an existing cache folder, else ``default_size``.
         options: The adapter options the dataset was read with (defaults are filled in, so the CLI's
             ``ferbench data cache`` and a recipe's ``data.cache: auto`` name the same cache).
     """
@@ -618,7 +619,7 @@ def cached_dataset(
     if size is None and cache != "auto" and (Path(cache) / "cache.yaml").is_file():
         with contextlib.suppress(DataError, KeyError, TypeError, ValueError):
             size = int(read_cache_card(Path(cache))["parameters"]["size"])
-    size = size or DEFAULT_CACHE_SIZE
+    size = size or default_size
     folder = auto_cache_dir(info.name, info.root, size=size, options=options) if cache == "auto" else Path(cache)
     prepare_cache(info, out=folder, size=size, options=options, workers=workers, progress=progress, message=message)
     return open_cache(folder)

@@ -29,7 +29,7 @@ from fer_bench.data.au_maps import MAP_SOURCES, draw_au_maps, expression_au_mask
 from fer_bench.data.cache import CachedImages
 from fer_bench.data.manifest import DatasetInfo, landmarks_array
 from fer_bench.data.occluders import OCCLUDER_KINDS, check_occluder_kinds
-from fer_bench.data.sampling import batch_positions, epoch_order, local_batch_size, rank_batch, steps_per_epoch
+from fer_bench.data.sampling import epoch_order, local_batch_size, rank_batch, steps_per_epoch
 from fer_bench.data.transforms import AugmentOptions
 from fer_bench.errors import ConfigError
 from fer_bench.runtime import derive_seed
@@ -234,10 +234,12 @@ class DeviceLoader:
             len(self.rows), seed=self.seed, epoch=self.epoch, sampler=self.sampler, labels=self.labels_np
         )
 
-    def step_rows(self, order: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(row indices, positions in the epoch's order) of this rank's part of training step ``step``."""
+    def step_rows(self, order, step: int) -> tuple:
+        """(row indices, positions in the epoch's order) of this rank's part of training step ``step``; ``order`` is
+        the epoch's order as a NumPy array or a device tensor, and the result is of the same kind."""
         kw = dict(step=step, global_batch=self.global_batch, rank=self.rank, world_size=self.world_size)
-        return rank_batch(order, **kw), batch_positions(**kw)
+        positions = torch.arange(len(order), device=order.device) if torch.is_tensor(order) else np.arange(len(order))
+        return rank_batch(order, **kw), rank_batch(positions, **kw)
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of the current epoch from ``start_step`` on (training), or of this rank's rows (evaluation)."""
@@ -250,16 +252,14 @@ class DeviceLoader:
         # The order goes to the device once per epoch; each step slices it there, so the step makes no
         # host-to-device copy (one from pageable memory would wait for the device).
         order_on_device = torch.as_tensor(order, device=self.device)
+        base = derive_seed(self.seed, "augment", self.epoch)
         steps = range(start_step, len(self))
-        prefetch = None
-        if self.pixels.resident is None:
-            prefetch = self._prefetch([self.step_rows(order, step)[0] for step in steps])
-        g, r, w = self.global_batch, self.rank, self.world_size
-        for step in steps:
-            index = order_on_device[step * g + r : (step + 1) * g : w]
-            positions = torch.arange(step * g + r, (step + 1) * g, w, device=self.device)
-            rows = self.step_rows(order, step)[0] if prefetch is not None else None
-            yield self._train_batch(index, positions, rows, next(prefetch) if prefetch is not None else None)
+        host_rows = [self.step_rows(order, step)[0] for step in steps] if self.pixels.resident is None else None
+        prefetch = self._prefetch(host_rows) if host_rows is not None else None
+        for k, step in enumerate(steps):
+            index, positions = self.step_rows(order_on_device, step)
+            rows, prefetched = (host_rows[k], next(prefetch)) if prefetch is not None else (None, None)
+            yield self._train_batch(index, positions, base, rows, prefetched)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.iterate(0)
@@ -292,13 +292,19 @@ class DeviceLoader:
         return {"image": DA.normalize(x), "label": self.labels[index], "index": index}
 
     def _train_batch(
-        self, index: torch.Tensor, positions: torch.Tensor, rows: np.ndarray | None, prefetched: torch.Tensor | None
+        self,
+        index: torch.Tensor,
+        positions: torch.Tensor,
+        base: int,
+        rows: np.ndarray | None,
+        prefetched: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """One augmented batch: ``index`` [B] rows and ``positions`` [B] in the epoch's order (on the device);
-        ``rows``/``prefetched`` the same rows on the host and their gathered images (memory-mapped residency)."""
+        """One augmented batch: ``index`` [B] rows and ``positions`` [B] in the epoch's order (on the device), ``base``
+        the epoch's augmentation seed; ``rows``/``prefetched`` the same rows on the host and their gathered images
+        (memory-mapped residency)."""
         device, size = self.device, self.img_size
         images = self.pixels.gather(rows, index, prefetched)  # [B, C, C, 3] uint8
-        keys = DA.sample_keys(positions, derive_seed(self.seed, "augment", self.epoch))
+        keys = DA.sample_keys(positions, base)
         u = DA.uniforms(keys, DA._FIELDS)
         geo = DA.geometry(u, self.augment, src_size=self.cache_size, out_size=size, train=True)
         x = DA.warp_images(images, geo, out_size=size)  # [B, 3, S, S] float 0..255

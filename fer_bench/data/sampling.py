@@ -60,8 +60,9 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def rank_batch(order: np.ndarray, *, step: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
-    """Rank ``rank``'s items of global batch ``step``: positions ``step·G + rank``, ``+ world_size``, ... of ``order``.
+def rank_batch(order, *, step: int, global_batch: int, rank: int, world_size: int):
+    """Rank ``rank``'s items of global batch ``step``: positions ``step·G + rank``, ``+ world_size``, ... of ``order``
+    (a NumPy array or a torch tensor, on any device: a slice, so no copy between host and device).
 
     The union over ranks is exactly the global batch, so the gradient DDP averages is the one-process gradient.
 
@@ -72,9 +73,3 @@ def rank_batch(order: np.ndarray, *, step: int, global_batch: int, rank: int, wo
     """
     start = step * global_batch
     return order[start + rank : start + global_batch : world_size]
-
-
-def batch_positions(*, step: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
-    """The positions in the epoch's order of :func:`rank_batch`'s items (what per-sample randomness is keyed on)."""
-    start = step * global_batch
-    return np.arange(start + rank, start + global_batch, world_size, dtype=np.int64)

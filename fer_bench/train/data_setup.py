@@ -77,6 +77,7 @@ def dataset_for_run(
     synth: dict[str, Any] | None,
     cache: str,
     cache_size: int | None,
+    img_size: int,
     val_split: str,
     val_fraction: float,
     seed: int,
@@ -100,7 +101,13 @@ def dataset_for_run(
         info = load_dataset(dataset=dataset, root=root, options=options, synth=synth, message=message)
         if cache != "off":
             info = cached_dataset(
-                info, cache=cache, size=cache_size, options=options, progress=progress, message=message
+                info,
+                cache=cache,
+                size=cache_size,
+                default_size=img_size,  # a cache folder given by path keeps the size it was built at
+                options=options,
+                progress=progress,
+                message=message,
             )
     if not (info.manifest["split"] == val_split).any() and val_split == "val":
         info = with_validation_split(info, fraction=val_fraction, seed=seed)
@@ -189,8 +196,13 @@ class AlbumentationsLoader:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        for batch in loader:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        yield from _on_device(loader, self.device)
+
+
+def _on_device(loader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """A DataLoader's batches, moved to ``device`` (from pinned memory on a GPU: non-blocking)."""
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
@@ -268,12 +280,13 @@ def build_loaders(
 
 
 class _OnDevice:
+    """An iterable (once per epoch) of a DataLoader's batches on ``device``."""
+
     def __init__(self, loader: DataLoader, device: torch.device) -> None:
         self.loader, self.device = loader, device
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.loader:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return _on_device(self.loader, self.device)
 
 
 def _dataset_map_sources(dataset: FaceDataset, sample: int = 200) -> dict[str, int]:

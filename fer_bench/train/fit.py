@@ -376,7 +376,8 @@ class _Run:
                     options=data.options,
                     synth=data.synth,
                     cache=data.cache,
-                    cache_size=self._cache_size(),
+                    cache_size=data.cache_size,
+                    img_size=data.img_size,
                     val_split=data.val_split,
                     val_fraction=data.val_fraction,
                     seed=self.recipe.runtime.seed,
@@ -395,14 +396,6 @@ class _Run:
             self.cb.message(
                 f"{self.info.name}: training on soft targets ({self.info.target_kind}); {self.info.protocol}"
             )
-
-    def _cache_size(self) -> int | None:
-        """``data.cache_size``, else the training size; a cache folder given by path keeps the size it was built at."""
-        data = self.recipe.data
-        if data.cache_size:
-            return data.cache_size
-        existing = data.cache not in ("auto", "off") and (Path(data.cache) / "cache.yaml").is_file()
-        return None if existing else data.img_size
 
     def setup_model(self) -> None:
         recipe, rt, data = self.recipe, self.recipe.runtime, self.recipe.data
@@ -694,7 +687,7 @@ class _Run:
                     return
                 if rt.max_steps and self.scheduler.last_epoch >= rt.max_steps:
                     return  # the epoch end right after writes the checkpoint
-                partial = self._gathered(tally)
+                partial = tally.gathered(self.ctx).state()
                 model_state = self._model_state()
                 if self.ctx.is_main:
                     state = self._checkpoint_state(
@@ -757,7 +750,7 @@ class _Run:
             steps_done = self.scheduler.last_epoch - epoch * self.steps_per_epoch  # the same on every rank
             ended = steps_done >= self.steps_per_epoch
             position = {"epoch": epoch + 1, "step": 0} if ended else {"epoch": epoch, "step": steps_done}
-            partial = None if ended else self._gathered(tally)
+            partial = None if ended else tally.gathered(self.ctx).state()
             model_state = self._model_state()
             if self.ctx.is_main:
                 state = self._checkpoint_state(
@@ -780,27 +773,6 @@ class _Run:
                 break
         if self.ctx.is_main:
             atomic_write_text(self.out / "summary.csv", _summary_csv(self.summary))
-
-    def _gathered(self, tally: EpochTally) -> dict[str, Any]:
-        """The epoch's sums so far over every rank (for a mid-epoch checkpoint; rank 0 resumes with them)."""
-        state = tally.state()
-        if self.ctx.distributed:
-            import torch.distributed as dist
-
-            names = sorted(state["terms"])
-            values = torch.stack(
-                [tally.loss, tally.correct.to(tally.loss.dtype), torch.tensor(float(tally.count), device=self.device)]
-                + [tally.terms[n] for n in names]
-            )
-            dist.all_reduce(values)
-            values = values.cpu()
-            state.update(
-                loss=values[0].clone(),
-                correct=values[1].to(torch.int64),
-                count=int(values[2]),
-                terms={n: values[3 + k].clone() for k, n in enumerate(names)},
-            )
-        return state
 
     def _record_compile_time(self) -> None:
         if self.device.type == "cuda":

@@ -69,22 +69,31 @@ class EpochTally:
             tally.terms = {k: v.to(device, tally.loss.dtype) for k, v in state["terms"].items()}
         return tally
 
-    def row(self, ctx: DistContext) -> dict[str, float]:
-        """``train_loss``, ``train_acc`` and (with heads) ``loss_<term>`` over every rank's images."""
+    def gathered(self, ctx: DistContext) -> EpochTally:
+        """The sums over every rank's images (a collective under DDP: every rank calls it); itself in one process."""
+        if not ctx.distributed:
+            return self
+        import torch.distributed as dist
+
         names = sorted(self.terms)
         values = torch.stack(
             [self.loss, self.correct.to(self.loss.dtype), torch.tensor(float(self.count), device=self.device)]
             + [self.terms[n] for n in names]
         )
-        if ctx.distributed:
-            import torch.distributed as dist
+        dist.all_reduce(values)
+        total = EpochTally(self.device)
+        total.loss, total.correct, total.count = values[0], values[1].to(torch.int64), int(values[2])
+        total.terms = {n: values[3 + k] for k, n in enumerate(names)}
+        total.steps, total.seconds = self.steps, self.seconds
+        return total
 
-            dist.all_reduce(values)
-        values = values.tolist()
-        count = max(values[2], 1.0)
-        row = {"train_loss": values[0] / count, "train_acc": values[1] / count}
-        if len(names) > 1:
-            row |= {f"loss_{name}": v / count for name, v in zip(names, values[3:], strict=True)}
+    def row(self, ctx: DistContext) -> dict[str, float]:
+        """``train_loss``, ``train_acc`` and (with heads) ``loss_<term>`` over every rank's images."""
+        total = self.gathered(ctx)
+        count = max(float(total.count), 1.0)
+        row = {"train_loss": float(total.loss) / count, "train_acc": float(total.correct) / count}
+        if len(total.terms) > 1:
+            row |= {f"loss_{name}": float(total.terms[name]) / count for name in sorted(total.terms)}
         return row
 
 
