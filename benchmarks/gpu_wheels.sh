@@ -11,4 +11,6 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
   --platform manylinux_2_24_x86_64 --platform manylinux_2_27_x86_64 -d .whl \
   albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16 \
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-ls -la .whl
+# the MTCNN weights for benchmarks/faces_speed.py (read out of the wheel, never installed: not in .whl/*.whl)
+python3 -m pip download --no-deps facenet-pytorch==2.6.0 -d .whl/weights
+ls -la .whl .whl/weights

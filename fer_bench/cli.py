@@ -270,11 +270,71 @@ def _print_results(results: dict, paths: dict) -> None:
     stdout.print(f"report: {paths['report']}")
 
 
+OptionalRoot = Annotated[
+    Path | None, typer.Option("--root", help="Dataset folder, as its owners distribute it (or give --cache).")
+]
+CacheFolder = Annotated[
+    Path | None,
+    typer.Option("--cache", help="Read the images from a prepared cache (ferbench data cache / data prepare)."),
+]
+AllowMismatch = Annotated[
+    bool,
+    typer.Option(
+        "--allow-template-mismatch", help="Score faces framed differently from the model's training faces anyway."
+    ),
+]
+
+
+def _protocol_data(protocol, *, root: Path | None, cache: Path | None, option: list[str] | None):
+    """The protocol's dataset from ``--root`` or from a prepared ``--cache`` (checked to hold that dataset)."""
+    from fer_bench.errors import ConfigError
+    from fer_bench.eval import load_protocol_data
+    from fer_bench.options import parse_key_values
+
+    options = parse_key_values(option or [], flag="--option")
+    if cache is None:
+        if root is None:
+            raise ConfigError("give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it)")
+        return load_protocol_data(protocol, root, options)
+    from fer_bench.data.cache import open_cache, read_cache_card
+
+    info = open_cache(cache)
+    if info.name != protocol.dataset:
+        raise ConfigError(
+            f"--cache {cache}: holds dataset {info.name!r}, protocol {protocol.name!r} scores {protocol.dataset!r}"
+        )
+    built_with = read_cache_card(cache)["parameters"].get("options", {})
+    for key, value in {**options, **protocol.options}.items():
+        if key in built_with and built_with[key] != value:
+            raise ConfigError(
+                f"--cache {cache}: built with {key}={built_with[key]!r}, protocol {protocol.name!r} needs "
+                f"{key}={value!r}"
+            )
+    return info
+
+
+def _check_alignment(state: dict, info, *, allow: bool) -> None:
+    """Refuse faces framed differently from the checkpoint's training faces, unless allowed (then warn)."""
+    from fer_bench.errors import ConfigError
+    from fer_bench.eval.face_predict import alignment_mismatch
+
+    problem = alignment_mismatch(state.get("face_framing"), info.extras.get("alignment"))
+    if problem is None:
+        return
+    if not allow:
+        raise ConfigError(
+            f"{problem}; prepare matching faces (ferbench data prepare ... --align TEMPLATE) or pass "
+            "--allow-template-mismatch to score anyway"
+        )
+    console.print(f"[yellow]warning:[/] {problem} (--allow-template-mismatch)", highlight=False, soft_wrap=True)
+
+
 @app.command("eval")
 @_user_errors
 def eval_(
     dataset: Annotated[str, typer.Option("--dataset", help="Protocol or dataset name (ferbench data list).")],
-    root: DatasetRoot,
+    root: OptionalRoot = None,
+    cache: CacheFolder = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint written by train.")] = None,
     predictions: Annotated[
         Path | None, typer.Option("--predictions", help="A submission CSV to score instead of a checkpoint.")
@@ -299,6 +359,7 @@ def eval_(
     precision: Annotated[
         str, typer.Option("--precision", help="fp32 (what reports use) or bf16 autocast on GPUs / AVX-512 BF16 CPUs.")
     ] = "fp32",
+    allow_template_mismatch: AllowMismatch = False,
 ) -> None:
     """Score a checkpoint or a submission under a fixed protocol.
 
@@ -306,9 +367,8 @@ def eval_(
     dataset bias; written as results.json, report.md and PNG plots, and logged to MLflow.
     """
     from fer_bench.errors import ConfigError
-    from fer_bench.eval import evaluate, get_protocol, load_protocol_data, write_report
+    from fer_bench.eval import evaluate, get_protocol, write_report
     from fer_bench.eval.evaluator import score_submission
-    from fer_bench.options import parse_key_values
 
     if (checkpoint is None) == (predictions is None):
         raise ConfigError("give exactly one of --checkpoint PATH or --predictions FILE.csv")
@@ -320,7 +380,9 @@ def eval_(
         from fer_bench.models.checkpoint import load_checkpoint
 
         state = load_checkpoint(checkpoint)
-    info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
+    info = _protocol_data(protocol, root=root, cache=cache, option=option)
+    if state is not None:
+        _check_alignment(state, info, allow=allow_template_mismatch)
     if predictions is not None:
         results = score_submission(
             predictions, info, protocol, n_bootstrap=bootstrap, seed=seed, min_group_size=min_group_size
@@ -376,28 +438,98 @@ def eval_(
     _print_results(results, paths)
 
 
+DetectorName = Annotated[str, typer.Option("--detector", help="Face detector: mtcnn (CPU-friendly) or retinaface.")]
+DetectorWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--detector-weights",
+        help="Detector weights: the RetinaFace release zip/.pth, or facenet-pytorch's wheel (or a folder with "
+        "pnet.pt, rnet.pt, onet.pt) for MTCNN. Default: the usual places (README, 'Faces').",
+    ),
+]
+
+
+def _detector(name: str, weights: Path | None, device):
+    from fer_bench.faces import create_detector
+
+    return create_detector(name, weights=None if weights is None else str(weights), device=device)
+
+
 @app.command("predict")
 @_user_errors
 def predict_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint written by train.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Protocol or dataset name.")],
-    root: DatasetRoot,
-    out: Annotated[Path, typer.Option("--out", help="Submission CSV to write.")],
+    images: Annotated[
+        list[Path] | None, typer.Option("--images", help="Photos, or folders of photos (repeatable).")
+    ] = None,
+    video: Annotated[Path | None, typer.Option("--video", help="A video file (decoded with OpenCV).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Protocol or dataset name: write a submission CSV instead.")
+    ] = None,
+    root: OptionalRoot = None,
+    cache: CacheFolder = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Table to write: faces.csv or faces.parquet (a submission CSV with --dataset)."),
+    ] = None,
+    overlay: Annotated[
+        Path | None, typer.Option("--overlay", help="Folder for annotated copies of the photos or the video.")
+    ] = None,
+    detector: DetectorName = "mtcnn",
+    detector_weights: DetectorWeights = None,
+    align: Annotated[
+        str | None,
+        typer.Option("--align", help="Align faces onto this template instead of the model's training framing."),
+    ] = None,
+    every: Annotated[int, typer.Option("--every", min=1, help="Video: look at every N-th frame.")] = 1,
     option: OptionList = None,
-    tta: Annotated[str | None, typer.Option("--tta", help="Test-time augmentation: flip.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 128,
+    tta: Annotated[str | None, typer.Option("--tta", help="Test-time augmentation (--dataset mode): flip.")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images or frames per batch (faces are classified together).")
+    ] = 16,
+    allow_template_mismatch: AllowMismatch = False,
 ) -> None:
-    """Write a submission CSV (image_id + one probability column per class) from a checkpoint."""
-    from fer_bench.eval import get_protocol, load_protocol_data
+    """Predict expressions: on photos or a video (detect, align, classify: a table with one row per face and
+    annotated overlays), or on a dataset (a submission CSV, image_id + one probability column per class)."""
+    from fer_bench.errors import ConfigError
+
+    modes = [m for m, v in (("--images", images), ("--video", video), ("--dataset", dataset)) if v]
+    if len(modes) != 1:
+        raise ConfigError("give exactly one of --images PATH..., --video FILE or --dataset NAME")
+    if dataset:
+        if out is None:
+            raise ConfigError("--dataset: give --out sub.csv, the submission to write")
+        _predict_dataset(
+            checkpoint, dataset, root=root, cache=cache, out=out, option=option, tta=tta, batch_size=batch_size,
+            allow=allow_template_mismatch,
+        )  # fmt: skip
+        return
+    _predict_faces(
+        checkpoint,
+        images=images,
+        video=video,
+        out=out or Path("faces.csv"),
+        overlay=overlay,
+        detector=detector,
+        detector_weights=detector_weights,
+        align=align,
+        every=every,
+        batch_size=batch_size,
+        allow=allow_template_mismatch,
+    )
+
+
+def _predict_dataset(checkpoint, dataset, *, root, cache, out, option, tta, batch_size, allow) -> None:
+    from fer_bench.eval import get_protocol
     from fer_bench.eval.evaluator import protocol_probabilities
     from fer_bench.eval.submission import write_submission
     from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
-    from fer_bench.options import parse_key_values
     from fer_bench.runtime import resolve_device
 
     protocol = get_protocol(dataset)
-    info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
     state = load_checkpoint(checkpoint)
+    info = _protocol_data(protocol, root=root, cache=cache, option=option)
+    _check_alignment(state, info, allow=allow)
     device = resolve_device("auto")
     model = model_from_checkpoint(state).to(device)
     with _progress() as progress:
@@ -415,6 +547,86 @@ def predict_cmd(
         )
     write_submission(out, ids=ids, label_names=tuple(info.label_space.names), probs=probs)
     stdout.print(f"submission for {protocol.name}: {len(ids)} rows written to {out}")
+
+
+def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detector_weights, align, every,
+                   batch_size, allow) -> None:  # fmt: skip
+    from fer_bench.errors import ConfigError
+    from fer_bench.eval.face_predict import (
+        FacePredictor,
+        image_paths,
+        model_framing,
+        photo_frames,
+        predict_media,
+        video_frames,
+        write_table,
+    )
+    from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from fer_bench.runtime import resolve_device
+
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ConfigError(f"--out {out}: expected a .csv or .parquet file name")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name such as {out / 'faces.csv'}")
+    if overlay is not None and overlay.exists() and not overlay.is_dir():
+        raise ConfigError(f"--overlay {overlay}: is a file; give a folder for the annotated images")
+    state = load_checkpoint(checkpoint)
+    framing = model_framing(state.get("face_framing"), align=align, allow_mismatch=allow, checkpoint=checkpoint)
+    device = resolve_device("auto")
+    face_detector = _detector(detector, detector_weights, device)
+    predictor = FacePredictor(
+        model=model_from_checkpoint(state).to(device),
+        detector=face_detector,
+        framing=framing,
+        img_size=int(state["model_config"]["img_size"]),
+        label_names=list(state["label_names"]),
+        device=device,
+        track=video is not None,
+    )
+    if video is not None:
+        import dataclasses
+
+        frames, facts = video_frames(video, every=every)
+        total, unit = (facts.frames // every if facts.frames else None), "frame(s)"
+        facts = dataclasses.replace(facts, fps=(facts.fps or 25.0) / every)  # the overlay video's rate
+        name = f"video {video.name}"
+    else:
+        paths = image_paths(images)
+        frames, facts, total, unit, name = photo_frames(paths), None, len(paths), "image(s)", f"{len(paths)} image(s)"
+    with _progress() as progress:
+        task = progress.add_task(f"faces in {name}", total=total, info="")
+        result = predict_media(
+            predictor,
+            frames,
+            batch_size=batch_size,
+            overlay=overlay,
+            video=video,
+            video_facts=facts,
+            progress=lambda frames_done, faces: progress.update(task, advance=frames_done, info=f"{faces} faces"),
+        )
+    if result.no_face:
+        shown = ", ".join(result.no_face[:5]) + (
+            f" and {len(result.no_face) - 5} more" if len(result.no_face) > 5 else ""
+        )
+        console.print(
+            f"[yellow]warning:[/] no face in {len(result.no_face)} of {result.frames_seen}: {shown}", highlight=False
+        )
+    extra = {
+        "model": str(checkpoint),
+        "framing": framing.get("template", ""),
+        "detector": face_detector.name,
+        "detector_weights": face_detector.weights_sha256[:16],
+    }
+    table = write_table(result.records, out, extra=extra)
+    flagged = int((table["small"] | table["blurry"]).sum())
+    stdout.print(
+        f"{len(table)} face(s) in {result.frames_seen} {unit}: table {out}"
+        + (f"; {flagged} flagged small or blurry" if flagged else "")
+        + (f"; overlays in {overlay}" if overlay is not None else ""),
+        highlight=False,
+    )
+    counts = table["label"].value_counts()
+    stdout.print("labels: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
 
 
 leaderboard_app = typer.Typer(
@@ -672,8 +884,13 @@ def _load_dataset(dataset: str, root: Path, option: list[str] | None):
 @data_app.command("describe")
 @_user_errors
 def data_describe(
-    dataset: DatasetName,
-    root: DatasetRoot,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset name (ferbench data list shows them).")
+    ] = None,
+    root: OptionalRoot = None,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Describe a prepared cache instead (its alignment included).")
+    ] = None,
     option: OptionList = None,
     as_json: Annotated[
         bool,
@@ -687,9 +904,30 @@ def data_describe(
     Split sizes are compared with the dataset card (datasets/NAME.yaml); a mismatch is a warning on stderr.
     """
     from fer_bench.data import count_warnings, describe_dataset, load_card
+    from fer_bench.errors import ConfigError
 
-    info, options = _load_dataset(dataset, root, option)
+    if cache is not None:
+        from fer_bench.data.cache import describe_alignment, open_cache, read_cache_card
+
+        info = open_cache(cache)
+        card = read_cache_card(cache)
+        options = card["parameters"].get("options", {})
+        alignment = card.get("alignment")
+        dataset, root = info.name, cache
+        extra_lines = [
+            f"alignment: {describe_alignment(alignment).removeprefix('aligned to ') or 'none (the dataset crops)'}"
+        ]
+        if alignment:
+            extra_lines.append("faces: " + ", ".join(f"{k} {v}" for k, v in alignment.get("outcomes", {}).items()))
+            extra_lines.append(f"68-point landmarks: {alignment.get('landmarks68', '')}")
+    elif dataset is None or root is None:
+        raise ConfigError("give --dataset NAME --root DIR, or --cache FOLDER")
+    else:
+        info, options = _load_dataset(dataset, root, option)
+        extra_lines = []
     summary = describe_dataset(info)
+    if cache is not None:
+        summary["cache"] = {"folder": str(cache), "alignment": card.get("alignment")}
     warnings = count_warnings(info, summary, options=options, card=load_card(info.name))
     for line in warnings:
         console.print(f"[yellow]warning:[/] {dataset} at {root}: {line}", highlight=False, soft_wrap=True)
@@ -700,6 +938,8 @@ def data_describe(
     stdout.print(f"layout: {summary['layout']}", highlight=False)
     if info.protocol:
         stdout.print(f"protocol: {info.protocol}", highlight=False)
+    for line in extra_lines:
+        stdout.print(line, highlight=False)
     table = Table(title="images per split and label")
     table.add_column("label")
     for split in summary["splits"]:
@@ -762,6 +1002,92 @@ def data_cache(
     counts = ", ".join(f"{split} {count}" for split, count in images.counts.items())
     stdout.print(f"cache {folder}: {counts} ({gib:.2f} GiB at {size} px)", highlight=False)
     stdout.print(f"train from it: ferbench train RECIPE --set data.cache={folder}", highlight=False)
+
+
+@data_app.command("prepare")
+@_user_errors
+def data_prepare(
+    dataset: DatasetName,
+    root: DatasetRoot,
+    align: Annotated[str, typer.Option("--align", help="Template: arcface112, arcface224, rafdb_like or ffhq512.")],
+    option: OptionList = None,
+    detector: DetectorName = "mtcnn",
+    detector_weights: DetectorWeights = None,
+    landmarks: Annotated[
+        str,
+        typer.Option(
+            "--landmarks",
+            help="detector: find the faces; dataset: use the landmarks the dataset ships (RAF-DB, AffectNet).",
+        ),
+    ] = "detector",
+    select: Annotated[
+        str,
+        typer.Option("--select", help="An image with several faces: largest, confident (most) or drop."),
+    ] = "largest",
+    size: Annotated[
+        int | None,
+        typer.Option("--size", min=16, max=1024, help="Side of the aligned crops (default: the template's)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Cache folder (default: one per dataset, alignment and size).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Warping processes (default: all cores).")
+    ] = None,
+) -> None:
+    """Detect, align and cache every face of a dataset: the prepared-cache format training and eval read.
+
+    Each image's face is found (or its shipped landmarks read), aligned onto the template by a least-squares
+    similarity and written at --size. Images with no face, or with several, are counted by reason in cache.yaml
+    (several: the one inside the dataset's face box if it has one, else --select). The template, detector,
+    weights' SHA-256 and each detection score are recorded. Train on it with --set data.cache=FOLDER; evaluate
+    with ferbench eval --cache FOLDER.
+    """
+    from fer_bench.data.cache import check_cache_folder, describe_alignment
+    from fer_bench.data.prepare import LANDMARK_SOURCES, SELECTIONS, cache_alignment, prepare_aligned
+    from fer_bench.errors import ConfigError
+    from fer_bench.faces import get_template
+    from fer_bench.runtime import resolve_device
+
+    get_template(align)
+    if landmarks not in LANDMARK_SOURCES:
+        raise ConfigError(f"--landmarks: expected {' or '.join(LANDMARK_SOURCES)}, got {landmarks!r}")
+    if select not in SELECTIONS:
+        raise ConfigError(f"--select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+    if out is not None:
+        check_cache_folder(out)
+    face_detector = None
+    if landmarks == "detector":
+        face_detector = _detector(detector, detector_weights, resolve_device("auto"))
+    info, options = _load_dataset(dataset, root, option)
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(f"{stage} {dataset}", total=total, info="")
+            progress.update(tasks[stage], completed=done)
+
+        folder = prepare_aligned(
+            info,
+            template=align,
+            size=size,
+            landmarks=landmarks,
+            detector=face_detector,
+            select=select,
+            out=out,
+            options=options,
+            workers=workers,
+            progress=advance,
+            message=lambda text: progress.console.print(text, highlight=False, soft_wrap=True),
+        )
+    record = cache_alignment(folder)
+    stdout.print(
+        f"cache {folder}: faces{describe_alignment(record, prefix=' ')} at {record['size']} px", highlight=False
+    )
+    stdout.print("faces: " + ", ".join(f"{k} {v}" for k, v in record["outcomes"].items()), highlight=False)
+    stdout.print(f"train on it: ferbench train RECIPE --set data.cache={folder}", highlight=False)
+    stdout.print(f"evaluate on it: ferbench eval --dataset {dataset} --cache {folder} --checkpoint C", highlight=False)
 
 
 @data_app.command("verify")

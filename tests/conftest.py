@@ -68,3 +68,69 @@ class Recorder:
 
     def end_epoch(self, row) -> None:
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Released face-detector weights and reference implementations, fetched with the ordinary package client.
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / ".weights"
+REFERENCE_WHEELS = {"facenet-pytorch": "2.6.0", "retinaface-pytorch": "0.0.8"}
+
+
+def reference_wheel(package: str) -> Path:
+    """The wheel of ``package`` (pinned in REFERENCE_WHEELS) in the repository's ignored ``.weights/`` folder,
+    fetched with ``pip download --no-deps`` the first time (the package index is reachable in CI; nothing is
+    installed, so no torch pin of theirs applies). facenet-pytorch's wheel carries the MTCNN weights (MIT)."""
+    import subprocess
+    import sys
+
+    version = REFERENCE_WHEELS[package]
+    stem = package.replace("-", "_") + f"-{version}-"
+    found = sorted(WEIGHTS_DIR.glob(stem + "*.whl"))
+    if not found:
+        WEIGHTS_DIR.mkdir(exist_ok=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "--disable-pip-version-check",
+                f"{package}=={version}",
+                "-d",
+                str(WEIGHTS_DIR),
+            ],
+            check=True,
+            timeout=300,
+        )
+        found = sorted(WEIGHTS_DIR.glob(stem + "*.whl"))
+    assert found, f"pip download {package}=={version} left no wheel in {WEIGHTS_DIR}"
+    return found[0]
+
+
+def import_from_wheel(wheel: Path, extract_to: Path) -> Path:
+    """Unpack ``wheel`` into ``extract_to`` (once) and put it first on sys.path; returns the folder."""
+    import sys
+    import zipfile
+
+    marker = extract_to / ".unpacked"
+    if not marker.exists():
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(extract_to)
+        marker.touch()
+    if str(extract_to) not in sys.path:
+        sys.path.insert(0, str(extract_to))
+    return extract_to
+
+
+@pytest.fixture(scope="session")
+def mtcnn_wheel() -> Path:
+    return reference_wheel("facenet-pytorch")
+
+
+@pytest.fixture(scope="session")
+def retinaface_reference(tmp_path_factory) -> Path:
+    """retinaface-pytorch 0.0.8's code (not installed: it pins torch 1.9), importable as ``retinaface``."""
+    return import_from_wheel(reference_wheel("retinaface-pytorch"), tmp_path_factory.mktemp("retinaface_ref"))

@@ -17,9 +17,17 @@ BASE = {
 
 # layer -> fer_bench sub-packages it must never import
 FORBIDDEN = {
-    "base": {"fer_bench.data", "fer_bench.models", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
+    "base": {
+        "fer_bench.faces",
+        "fer_bench.data",
+        "fer_bench.models",
+        "fer_bench.train",
+        "fer_bench.eval",
+        "fer_bench.cli",
+    },
+    "faces": {"fer_bench.data", "fer_bench.models", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
     "data": {"fer_bench.models", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
-    "models": {"fer_bench.data", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
+    "models": {"fer_bench.faces", "fer_bench.data", "fer_bench.train", "fer_bench.eval", "fer_bench.cli"},
     "eval": {"fer_bench.train", "fer_bench.cli"},
     "train": {"fer_bench.cli"},
     "cli": set(),

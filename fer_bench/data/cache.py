@@ -62,15 +62,21 @@ class CacheSpec:
     options: dict[str, Any]
     crop: bool
     source_hash: str
+    # Face alignment (fer_bench.data.prepare): template, landmark source, detector and its weights' SHA-256, face
+    # selection. None: the dataset's own crops, resized.
+    alignment: dict[str, Any] | None = None
 
     def parameters(self) -> dict[str, Any]:
-        return {
+        parameters = {
             "format_version": CACHE_FORMAT_VERSION,
             "size": self.size,
-            "interpolation": "area",
-            "crop_to_bbox": self.crop,
+            "interpolation": "bilinear warp" if self.alignment else "area",
+            "crop_to_bbox": self.crop and not self.alignment,
             "options": {k: self.options[k] for k in sorted(self.options)},
         }
+        if self.alignment:
+            parameters["alignment"] = dict(self.alignment)
+        return parameters
 
 
 class CachedImages:
@@ -143,12 +149,17 @@ def default_cache_root() -> Path:
     return base / "fer_bench"
 
 
-def auto_cache_dir(dataset: str, root: str | os.PathLike, *, size: int, options: dict[str, Any]) -> Path:
+def auto_cache_dir(
+    dataset: str, root: str | os.PathLike, *, size: int, options: dict[str, Any], alignment: dict | None = None
+) -> Path:
     """The folder ``data.cache: auto`` uses for ``dataset`` at ``root``: one per (dataset, absolute root, options,
-    size), so a changed dataset in the same folder is rebuilt in place rather than piling up."""
+    size, alignment), so a changed dataset in the same folder is rebuilt in place rather than piling up."""
     key = f"{dataset}|{Path(root).resolve()}|{sorted(options.items())}|{size}"
+    if alignment:
+        key += f"|{sorted(alignment.items())}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return default_cache_root() / f"{dataset}-{size}px-{digest}"
+    aligned = f"-{alignment['template']}" if alignment else ""
+    return default_cache_root() / f"{dataset}{aligned}-{size}px-{digest}"
 
 
 def source_fingerprint(info: DatasetInfo) -> str:
@@ -192,7 +203,9 @@ def _hash_column(h, values: list) -> None:
     h.update("\x1f".join(map(str, values)).encode())
 
 
-def cache_spec(info: DatasetInfo, *, size: int, options: dict[str, Any] | None = None) -> CacheSpec:
+def cache_spec(
+    info: DatasetInfo, *, size: int, options: dict[str, Any] | None = None, alignment: dict | None = None
+) -> CacheSpec:
     """The :class:`CacheSpec` of ``info`` at ``size`` px (hashes the source: see :func:`source_fingerprint`)."""
     if not isinstance(size, int) or not 16 <= size <= 1024:
         raise ConfigError(f"cache size: expected an integer in [16, 1024], got {size!r}")
@@ -202,6 +215,7 @@ def cache_spec(info: DatasetInfo, *, size: int, options: dict[str, Any] | None =
         options=dict(options or {}),
         crop=bool(info.crop_to_bbox),
         source_hash=source_fingerprint(info),
+        alignment=alignment,
     )
 
 
@@ -289,20 +303,38 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
+def source_image(*, root, path: str, array_index, image_id: str, image_array, synth_config) -> np.ndarray:
+    """One row's full RGB uint8 image: rendered by the SynthFER generator, or read (file or in-memory array)."""
+    if synth_config is not None:
+        from fer_bench.data.synthfer import render_image
+
+        return render_image(synth_config, image_id)
+    return read_image(root=root, path=path, image_array=image_array, array_index=array_index)
+
+
 def _load_pixels(task: tuple) -> list[tuple[int, int, int, int, int]]:
-    """Worker: decode (or render), crop and resize a chunk of rows into the split's array; returns each row's
-    (array_index, crop x0, y0, width, height) for moving landmarks and masks into cache pixels."""
+    """Worker: decode (or render) a chunk of rows, then crop and resize them (or warp them with their alignment
+    matrix) into the split's array; returns each row's (array_index, crop x0, y0, width, height) for moving landmarks
+    and masks into cache pixels (the whole image for aligned rows, whose matrix says where things went)."""
     array_path, size, root, rows, image_array, synth_config = task
     cv2.setNumThreads(1)
     target = np.load(array_path, mmap_mode="r+")
     origins = []
-    for local, path, array_index, bbox, image_id in rows:
-        if synth_config is not None:
-            from fer_bench.data.synthfer import render_image
+    for local, path, array_index, bbox, image_id, matrix in rows:
+        image = source_image(
+            root=root,
+            path=path,
+            array_index=array_index,
+            image_id=image_id,
+            image_array=image_array,
+            synth_config=synth_config,
+        )
+        if matrix is not None:
+            from fer_bench.faces import warp_image
 
-            image = render_image(synth_config, image_id)
-        else:
-            image = read_image(root=root, path=path, image_array=image_array, array_index=array_index)
+            target[local] = warp_image(image, np.asarray(matrix, np.float64).reshape(2, 3), size)
+            origins.append((local, 0, 0, image.shape[1], image.shape[0]))
+            continue
         x0, y0, w, h = crop_origin(bbox, image.shape)
         image = image[y0 : y0 + h, x0 : x0 + w]
         if image.shape[:2] != (size, size):
@@ -313,21 +345,50 @@ def _load_pixels(task: tuple) -> list[tuple[int, int, int, int, int]]:
     return origins
 
 
-def _cache_landmarks(cell, origin: tuple[int, int, int, int], size: int) -> list[float] | None:
+def crop_matrix(origin: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The 2x3 matrix taking image pixels into a cache image made by cropping ``origin`` (x0, y0, w, h) and
+    resizing to ``size``: pixel centres map as (x - x0 + 0.5) * size / w - 0.5, as cv2's resize moves them."""
+    x0, y0, w, h = origin
+    sx, sy = size / w, size / h
+    return np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]], np.float64)
+
+
+def _cache_landmarks(cell, matrix: np.ndarray) -> list[float] | None:
     points = landmarks_array(cell)
     if points is None:
         return None
-    x0, y0, w, h = origin
-    # Pixel centres map as (x + 0.5) * scale - 0.5, as cv2's resize moves them.
-    moved = (points - np.array([x0, y0], np.float32) + 0.5) * np.array([size / w, size / h], np.float32) - 0.5
-    return [round(float(v), 3) for v in moved.reshape(-1)]
+    moved = points.astype(np.float64) @ matrix[:, :2].T + matrix[:, 2]
+    return [round(float(v), 3) for v in moved.astype(np.float32).reshape(-1)]
 
 
-def _packed_masks(masks: np.ndarray, indices: np.ndarray, origins: list, size: int) -> list[bytes]:
+def _moved_regions(regions: np.ndarray, matrix, origin: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """AU region masks [n_AU, g, g] (a grid over the whole image) after the row's alignment warp, on a grid of the
+    same side over the aligned crop, flattened; unchanged for a plain resize, which keeps the grid's frame."""
+    if matrix is None:
+        return regions.reshape(-1)
+    grid = regions.shape[-1]
+    width, height = origin[2], origin[3]
+
+    def cells_to_pixels(sx: float, sy: float) -> np.ndarray:  # centre of cell c at c * s + (s - 1) / 2
+        return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])
+
+    to_image = cells_to_pixels(width / grid, height / grid)
+    to_grid = np.linalg.inv(cells_to_pixels(size / grid, size / grid))
+    m = to_grid @ np.vstack([np.asarray(matrix, np.float64).reshape(2, 3), [0, 0, 1]]) @ to_image
+    return np.stack([cv2.warpAffine(r, m[:2], (grid, grid), flags=cv2.INTER_NEAREST) for r in regions]).reshape(-1)
+
+
+def _packed_masks(masks: np.ndarray, indices: np.ndarray, origins: list, matrices: list, size: int) -> list[bytes]:
     out = []
-    for index, (x0, y0, w, h) in zip(indices, origins, strict=True):
-        mask = masks[int(index)][y0 : y0 + h, x0 : x0 + w]
-        mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST) if mask.shape != (size, size) else mask
+    for index, (x0, y0, w, h), matrix in zip(indices, origins, matrices, strict=True):
+        mask = masks[int(index)]
+        if matrix is not None:  # aligned: the mask follows the face through the same warp
+            m = np.asarray(matrix, np.float64).reshape(2, 3)
+            mask = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_NEAREST)
+        else:
+            mask = mask[y0 : y0 + h, x0 : x0 + w]
+            if mask.shape != (size, size):
+                mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
         out.append(np.packbits(mask.reshape(-1) > 0).tobytes())
     return out
 
@@ -360,7 +421,8 @@ def build_cache(
     counts = {s: n for s, n in counts.items() if n}
     synth_config = info.extras.get("synth_config")
     image_array = None if synth_config is not None else info.extra("images")
-    crop = info.crop_to_bbox and "bbox" in manifest.columns
+    aligned = "align_matrix" in manifest.columns
+    crop = info.crop_to_bbox and "bbox" in manifest.columns and not aligned
     tasks, order = [], []
     for split, count in counts.items():
         np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
@@ -375,6 +437,7 @@ def build_cache(
                     manifest.at[r, "array_index"] if image_array is not None else None,
                     manifest.at[r, "bbox"] if crop else None,
                     manifest.at[r, "image_id"],
+                    manifest.at[r, "align_matrix"] if aligned else None,
                 )
                 for k, r in enumerate(chunk)
             ]
@@ -419,6 +482,7 @@ def build_cache(
             "dropped": {k: int(v) for k, v in info.dropped.items()},
             "notes": list(info.notes),
             "pixels": "rendered by the SynthFER generator" if synth_config is not None else "decoded",
+            **({"alignment": info.extras["alignment"]} if "alignment" in info.extras else {}),
             "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_text(tmp / "cache.yaml", yaml.safe_dump(card, sort_keys=False))
@@ -450,18 +514,25 @@ def _cache_rows(
     for split in counts:
         rows = manifest[manifest["split"] == split].reset_index(drop=True).copy()
         split_origins = [origins[(split, k)] for k in range(len(rows))]
+        aligned = list(rows["align_matrix"]) if "align_matrix" in rows.columns else [None] * len(rows)
+        matrices = [
+            crop_matrix(o, size) if m is None else np.asarray(m, np.float64).reshape(2, 3)
+            for o, m in zip(split_origins, aligned, strict=True)
+        ]
         rows["array_index"] = np.arange(len(rows), dtype=np.int64)
-        if "landmarks" in rows.columns:
-            rows["landmarks"] = [
-                _cache_landmarks(cell, o, size) for cell, o in zip(rows["landmarks"], split_origins, strict=True)
-            ]
+        for column in ("landmarks", "face_landmarks"):
+            if column in rows.columns:
+                rows[column] = [_cache_landmarks(c, m) for c, m in zip(rows[column], matrices, strict=True)]
         if masks is not None and "mask_index" in rows.columns:
             index = rows["mask_index"].to_numpy()
-            rows["occlusion_bits"] = _packed_masks(masks["occlusion"], index, split_origins, size)
+            rows["occlusion_bits"] = _packed_masks(masks["occlusion"], index, split_origins, aligned, size)
             regions = masks["au_regions"]
-            rows["au_regions_bits"] = [np.packbits(regions[int(i)].reshape(-1)).tobytes() for i in index]
+            rows["au_regions_bits"] = [
+                np.packbits(_moved_regions(regions[int(i)], m, o, size)).tobytes()
+                for i, m, o in zip(index, aligned, split_origins, strict=True)
+            ]
             rows["au_regions_shape"] = [list(regions.shape[1:])] * len(rows)
-        parts.append(rows.drop(columns=[c for c in ("path", "bbox") if c in rows.columns]))
+        parts.append(rows.drop(columns=[c for c in ("path", "bbox", "align_matrix") if c in rows.columns]))
     return pd.concat(parts, ignore_index=True) if parts else manifest.iloc[:0]
 
 
@@ -474,16 +545,31 @@ def prepare_cache(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     message: Callable[[str], None] = print,
+    alignment: dict[str, Any] | None = None,
+    before_build: Callable[[DatasetInfo], DatasetInfo] | None = None,
 ) -> Path:
     """Reuse the cache in ``out`` when it matches ``info`` at ``size`` px, else (re)build it, saying why in one line.
 
     Safe against concurrent callers (a lock serialises builds) and against being killed (builds are atomic).
+
+    Args:
+        alignment: The face alignment's parameters (``fer_bench.data.prepare``), part of the cache's identity.
+        before_build: Turns ``info`` into the rows to write, under the lock and only when building (detection).
     """
     out = Path(out)
     check_cache_folder(out)
-    spec = cache_spec(info, size=size, options=options)
+    spec = cache_spec(info, size=size, options=options, alignment=alignment)
     try:
-        return _prepare(info, out=out, spec=spec, size=size, workers=workers, progress=progress, message=message)
+        return _prepare(
+            info,
+            out=out,
+            spec=spec,
+            size=size,
+            workers=workers,
+            progress=progress,
+            message=message,
+            before_build=before_build,
+        )
     except OSError as exc:  # an unwritable, read-only or busy place: one line naming it, not a traceback
         where = exc.filename or out
         raise DataError(f"{where}: {exc.strerror or exc} (while preparing the cache {out})") from None
@@ -509,7 +595,7 @@ def check_cache_folder(out: Path) -> None:
         )
 
 
-def _prepare(info, *, out: Path, spec: CacheSpec, size: int, workers, progress, message) -> Path:
+def _prepare(info, *, out: Path, spec: CacheSpec, size: int, workers, progress, message, before_build=None) -> Path:
     with _locked(out):
         reason = stale_reason(out, spec)
         if reason is None:
@@ -520,6 +606,8 @@ def _prepare(info, *, out: Path, spec: CacheSpec, size: int, workers, progress, 
         verb = "rebuilding" if out.exists() else "building"
         message(f"cache {out}: {verb} ({reason}); {total} images at {size} px")
         started = time.time()
+        if before_build is not None:
+            info = before_build(info)
         build_cache(info, out=out, spec=spec, workers=workers, progress=progress)
         message(f"cache {out}: built in {time.time() - started:.1f} s")
     return out
@@ -551,19 +639,25 @@ def open_cache(folder: str | os.PathLike) -> DatasetInfo:
     rows["path"] = ""
     size = int(card["parameters"]["size"])
     extras: dict[str, Any] = {"images": images, "image_size": size, "cache": str(folder)}
+    alignment = card.get("alignment")
+    if alignment:
+        extras["alignment"] = alignment
     if "occlusion_bits" in rows.columns:
         rows["mask_index"] = np.arange(len(rows), dtype=np.int64)
         extras["masks"] = lambda: _unpack_masks(rows, size)
-    for column in ("soft_target", "au_intensity"):
+    for column in ("soft_target", "au_intensity", "face_box"):
         if column in rows.columns:
             rows[column] = [np.asarray(v, dtype=np.float32) for v in rows[column]]
-    if "landmarks" in rows.columns:
-        rows["landmarks"] = [None if v is None else np.asarray(v, dtype=np.float32) for v in rows["landmarks"]]
+    for column in ("landmarks", "face_landmarks"):
+        if column in rows.columns:
+            rows[column] = [None if v is None else np.asarray(v, dtype=np.float32) for v in rows[column]]
     manifest = rows.drop(columns=[c for c in ("occlusion_bits", "au_regions_bits", "au_regions_shape") if c in rows])
     info = DatasetInfo(
         name=card["dataset"],
         root=Path(card.get("source_root", folder)),
-        layout=f"{card.get('layout', '')}; prepared cache {size} px".lstrip("; "),
+        layout=f"{card.get('layout', '')}; prepared cache {size} px{describe_alignment(alignment, prefix=', ')}".lstrip(
+            "; "
+        ),
         label_space=get_label_space(card["label_space"]),
         manifest=manifest,
         group_columns=tuple(card.get("group_columns", ())),
@@ -576,6 +670,19 @@ def open_cache(folder: str | os.PathLike) -> DatasetInfo:
         notes=[*card.get("notes", []), f"images read from the prepared cache {folder} ({size} px)"],
     )
     return info
+
+
+def describe_alignment(alignment: dict[str, Any] | None, *, prefix: str = "") -> str:
+    """One phrase for a cache's alignment: "aligned to arcface224 (mtcnn landmarks, weights 1a2b3c4d5e6f)"; empty for
+    the dataset's own crops."""
+    if not alignment:
+        return ""
+    source = (
+        f"{alignment.get('detector')} landmarks, weights {str(alignment.get('weights_sha256', ''))[:12]}"
+        if alignment.get("landmarks") == "detector"
+        else "the dataset's landmarks"
+    )
+    return f"{prefix}aligned to {alignment.get('template')} ({source})"
 
 
 def _unpack_masks(rows: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
@@ -621,5 +728,12 @@ def cached_dataset(
             size = int(read_cache_card(Path(cache))["parameters"]["size"])
     size = size or default_size
     folder = auto_cache_dir(info.name, info.root, size=size, options=options) if cache == "auto" else Path(cache)
+    if cache != "auto" and (folder / "cache.yaml").is_file():
+        alignment = read_cache_card(folder).get("alignment")
+        if alignment:  # rebuilding it as a plain cache would throw away the detection and alignment work
+            raise ConfigError(
+                f"cache {folder}: holds faces{describe_alignment(alignment, prefix=' ')}, made by ferbench data "
+                "prepare; train on it with data.cache set to it (its alignment is adopted), or choose another folder"
+            )
     prepare_cache(info, out=folder, size=size, options=options, workers=workers, progress=progress, message=message)
     return open_cache(folder)

@@ -19,7 +19,7 @@ from fer_bench.errors import CheckpointError
 from fer_bench.models.checkpoint import load_checkpoint, save_checkpoint
 
 LAST, BEST = "last.pt", "best.pt"
-_BEST_KEYS = ("recipe", "model_config", "label_names", "dataset", "mlflow_run_id", "fer_bench_version")
+_BEST_KEYS = ("recipe", "model_config", "label_names", "face_framing", "dataset", "mlflow_run_id", "fer_bench_version")
 
 
 def clean_partial_writes(folder: Path) -> list[Path]:

@@ -33,11 +33,13 @@ from fer_bench.data import (
     with_validation_split,
 )
 from fer_bench.data.au_maps import MAP_SOURCES, expression_aus
-from fer_bench.data.cache import cached_dataset, open_cache
+from fer_bench.data.cache import cached_dataset, describe_alignment, open_cache, read_cache_card
 from fer_bench.data.device_loader import DeviceLoader
 from fer_bench.data.occluders import check_occluder_kinds
+from fer_bench.data.prepare import aligned_dataset
 from fer_bench.data.sampling import epoch_order, local_batch_size, rank_batch, steps_per_epoch
 from fer_bench.errors import ConfigError
+from fer_bench.faces import create_detector
 from fer_bench.models import FerModel
 from fer_bench.runtime import DistContext
 
@@ -84,22 +86,55 @@ def dataset_for_run(
     label_space: str | None,
     message: Callable[[str], None],
     progress: Callable[[int, int], None] | None = None,
+    align: dict[str, Any] | None = None,
 ) -> DatasetInfo:
     """The run's dataset: read (or generated), through the prepared cache unless ``cache`` is ``off``, with a
     validation split carved from train when the dataset ships none, checked against the recipe's label space.
 
     A cache folder can stand in for the dataset: when ``root`` does not exist but ``cache`` names a cache of this
-    dataset, training reads the cache as built (e.g. only the cache was copied to a GPU machine).
+    dataset, training reads the cache as built (e.g. only the cache was copied to a GPU machine). A cache folder made
+    by ``ferbench data prepare`` is trained on as prepared (its alignment is adopted; a different ``align`` template
+    is an error). With ``align`` (the recipe's ``data.align``) the faces are detected and aligned into a cache.
     """
     cache_folder = Path(cache) if cache not in ("auto", "off") else None
-    if cache_folder is not None and not Path(root).exists() and (cache_folder / "cache.yaml").is_file():
+    prepared = None
+    if cache_folder is not None and (cache_folder / "cache.yaml").is_file():
+        prepared = read_cache_card(cache_folder).get("alignment")
+    if prepared and align and align["template"] != prepared.get("template"):
+        raise ConfigError(
+            f"data.align.template {align['template']!r}: the cache {cache_folder} holds faces aligned to "
+            f"{prepared.get('template')!r}; prepare a cache with --align {align['template']} or drop data.align"
+        )
+    if align and cache == "off":
+        raise ConfigError("data.align: aligned faces live in the prepared cache; set data.cache to auto or a folder")
+    if cache_folder is not None and (prepared or not Path(root).exists()) and (cache_folder / "cache.yaml").is_file():
         info = open_cache(cache_folder)
         if info.name != dataset:
             raise ConfigError(f"data.cache {cache_folder}: holds dataset {info.name!r}, the recipe trains {dataset!r}")
-        message(f"data.root {root} not found: training from the prepared cache {cache_folder} as it was built")
+        if prepared:
+            message(f"data.cache {cache_folder}: faces{describe_alignment(prepared, prefix=' ')}, as prepared")
+        else:
+            message(f"data.root {root} not found: training from the prepared cache {cache_folder} as it was built")
     else:
         info = load_dataset(dataset=dataset, root=root, options=options, synth=synth, message=message)
-        if cache != "off":
+        if align:
+            info = aligned_dataset(
+                info,
+                template=align["template"],
+                size=cache_size or img_size,
+                landmarks=align["landmarks"],
+                detector=(
+                    create_detector(align["detector"], weights=align.get("detector_weights"))
+                    if align["landmarks"] == "detector"
+                    else None
+                ),
+                select=align["select"],
+                out=None if cache == "auto" else cache,
+                options=options,
+                progress=(lambda _stage, done, total: progress(done, total)) if progress else None,
+                message=message,
+            )
+        elif cache != "off":
             info = cached_dataset(
                 info,
                 cache=cache,

@@ -24,6 +24,7 @@ import yaml
 from fer_bench import __version__
 from fer_bench._io import atomic_write_text
 from fer_bench.data import AugmentOptions
+from fer_bench.data.prepare import face_framing
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, flat_metrics, write_report
 from fer_bench.models import FerModel, create_model, set_fused_attention
@@ -383,8 +384,10 @@ class _Run:
                     seed=self.recipe.runtime.seed,
                     label_space=data.label_space,
                     message=self.cb.message,
+                    align=data.align.model_dump() if data.align else None,
                 )
             barrier(self.ctx)
+        self.face_framing = face_framing(self.info)
         self.loader_kind = resolve_loader(data.loader, cached=data.cache != "off")
         started_with = (self.state or {}).get("loader")
         if started_with and started_with != self.loader_kind:
@@ -576,6 +579,7 @@ class _Run:
                 "label_space": list(self.label_names),
                 "layout": info.layout,
                 "protocol": info.protocol,
+                "face_framing": self.face_framing,
             },
         }
         atomic_write_text(self.out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -597,6 +601,7 @@ class _Run:
                     "dataset": info.name,
                     "layout": info.layout,
                     "protocol": info.protocol,
+                    "alignment": (self.face_framing or {}).get("alignment") or "dataset crops",
                     "backbone": recipe.model.backbone,
                     "heads": self.heads_text or "none",
                     **env,
@@ -652,6 +657,7 @@ class _Run:
             "recipe": self.recipe_dict,
             "model_config": self.model_config,
             "label_names": list(self.label_names),
+            "face_framing": self.face_framing,
             "dataset": self.info.name,
             "mlflow_run_id": self.run_id,
             "world_size": self.ctx.world_size,

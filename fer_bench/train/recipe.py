@@ -34,6 +34,25 @@ class AugmentConfig(_Section):
     )  # synthetic occluders (fer_bench.data.occluders); the occlusion head's own
 
 
+class AlignConfig(_Section):
+    """Faces aligned onto a template before training (``ferbench data prepare`` does the same from the CLI)."""
+
+    template: str  # arcface112 | arcface224 | rafdb_like | ffhq512 (fer_bench.faces.list_templates())
+    landmarks: Literal["detector", "dataset"] = "detector"  # dataset: the landmarks the dataset ships
+    detector: Literal["mtcnn", "retinaface"] = "mtcnn"
+    detector_weights: str | None = None  # a local weights file; None: the usual places (README, "Faces")
+    select: Literal["largest", "confident", "drop"] = "largest"  # an image with several faces
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from fer_bench.faces import list_templates
+
+        if value not in list_templates():
+            raise ValueError(f"unknown template {value!r}; expected one of {', '.join(list_templates())}")
+        return value
+
+
 class DataConfig(_Section):
     dataset: str = "synthfer"
     root: str = "data/synthfer"
@@ -56,6 +75,14 @@ class DataConfig(_Section):
     residency: Literal["auto", "device", "mmap"] = "auto"  # device loader: the cache on the device, or memory-mapped
     cache_images: bool = True  # albumentations loader: keep decoded images in memory after the first epoch
     synth: dict[str, Any] | None = None  # SynthFER parameters used when root does not exist yet
+    # Align every face onto a template (an aligned prepared cache; needs data.cache). A bare name is the template:
+    # ``align: arcface224``. None: the dataset's own crops (or the alignment of the cache folder data.cache names).
+    align: AlignConfig | None = None
+
+    @field_validator("align", mode="before")
+    @classmethod
+    def _align_value(cls, value: Any) -> Any:
+        return {"template": value} if isinstance(value, str) else value
 
     @field_validator("cache", mode="before")
     @classmethod

@@ -1,0 +1,108 @@
+"""What every face detector returns, and the detector registry (``create_detector``).
+
+A detector takes RGB uint8 images of any sizes and returns, per image, a :class:`Faces`: boxes, scores and the five
+landmarks in that image's pixels, in the order the alignment templates use (``LANDMARK_NAMES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fer_bench.registry import Registry
+
+# Image-left first: "left eye" is the eye on the left of the picture (the subject's right eye).
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+
+@dataclass
+class Faces:
+    """The faces found in one image, most confident first.
+
+    Attributes:
+        boxes: float32 [k, 4], (x1, y1, x2, y2) in image pixels, clipped to the image.
+        scores: float32 [k], detection confidence in [0, 1].
+        landmarks: float32 [k, 5, 2], (x, y) in image pixels, in ``LANDMARK_NAMES`` order.
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 5, 2), np.float32))
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
+        self.landmarks = np.asarray(self.landmarks, np.float32).reshape(-1, 5, 2)
+        if not len(self.boxes) == len(self.scores) == len(self.landmarks):
+            raise ValueError(
+                f"Faces: {len(self.boxes)} boxes, {len(self.scores)} scores, {len(self.landmarks)} landmark sets"
+            )
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def select(self, keep: np.ndarray | Sequence[int]) -> Faces:
+        keep = np.asarray(keep, dtype=np.int64)
+        return Faces(self.boxes[keep], self.scores[keep], self.landmarks[keep])
+
+
+class FaceDetector:
+    """Base class. Subclasses set ``name``, ``weights_sha256``, ``weights_source`` and implement :meth:`detect`.
+
+    ``detect`` takes a list of RGB uint8 [H, W, 3] arrays (sizes may differ) and returns one :class:`Faces` per
+    image, computed in batches on ``self.device``; results do not depend on how images are batched.
+    """
+
+    name: str = ""
+    weights_sha256: str = ""
+    weights_source: str = ""
+    device: torch.device = torch.device("cpu")
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> FaceDetector:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What a cache or a predictions table records about the detector."""
+        return {"detector": self.name, "weights_sha256": self.weights_sha256, "weights_source": self.weights_source}
+
+
+def chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    """``items`` in consecutive slices of at most ``size`` (a detector's batches)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+DETECTORS: Registry = Registry("face detector")
+
+
+def create_detector(name: str, *, weights: str | None = None, device: str | torch.device = "cpu", **options: Any):
+    """The detector ``name`` ("retinaface" or "mtcnn") with its released weights, on ``device``.
+
+    Args:
+        name: A registered detector.
+        weights: A local weights file (or folder / wheel, see each detector); None looks in the usual places and
+            says where to get them when they are not there.
+        device: Where the network runs.
+        options: Detector settings (thresholds, ``max_size``...), passed on.
+
+    Raises:
+        UnknownNameError: ``name`` is not a detector (with "did you mean").
+        WeightsUnavailableError: no weights found; the message says where to get them and where to put them.
+    """
+    from fer_bench.faces import mtcnn, retinaface  # noqa: F401  (registration)
+
+    factory = DETECTORS.get(name)
+    return factory(weights=weights, device=device, **options)
+
+
+def list_detectors() -> list[str]:
+    from fer_bench.faces import mtcnn, retinaface  # noqa: F401
+
+    return DETECTORS.names()

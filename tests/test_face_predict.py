@@ -1,0 +1,186 @@
+"""Faces end to end with the released MTCNN weights: ``ferbench predict`` on a real photograph and on a video,
+``ferbench data prepare`` with a detector, and the bad inputs (one line, exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fer_bench.cli import app
+from tests.conftest import tiny_recipe_dict
+from tests.test_cli import _one_line_error
+
+runner = CliRunner()
+
+
+def grace_hopper() -> Path:
+    import matplotlib.cbook
+
+    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_synthfer, tmp_path_factory) -> Path:
+    """A 1-epoch model on 32-px SynthFER: its checkpoint records SynthFER's framing for new faces."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    recipe = out / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, out, **{"optim.epochs": 1})))
+    result = runner.invoke(app, ["train", str(recipe), "--set", "tracking.enabled=false"])
+    assert result.exit_code == 0, result.output
+    return out / "run" / "best.pt"
+
+
+def test_the_checkpoint_records_its_framing(tiny_checkpoint):
+    import torch
+
+    framing = torch.load(tiny_checkpoint, weights_only=True)["face_framing"]
+    assert framing["alignment"] is None and framing["template"] == "synthfer_framing" and framing["size"] == 32
+    points = np.asarray(framing["points"])
+    assert points.shape == (5, 2) and points[0, 0] < points[1, 0] and points[:2, 1].max() < points[3:, 1].min()
+
+
+def test_predict_on_a_real_photograph(tiny_checkpoint, mtcnn_wheel, tmp_path):
+    out, overlay = tmp_path / "faces.csv", tmp_path / "overlay"
+    args = ["predict", "--checkpoint", str(tiny_checkpoint), "--images", str(grace_hopper())]
+    args += ["--detector-weights", str(mtcnn_wheel), "--out", str(out), "--overlay", str(overlay)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert len(table) == 1  # exactly one face
+    face = table.iloc[0]
+    assert face["left_eye_x"] < face["right_eye_x"]
+    assert (
+        max(face["left_eye_y"], face["right_eye_y"]) < face["nose_y"] < min(face["mouth_left_y"], face["mouth_right_y"])
+    )
+    assert face["x1"] < face["left_eye_x"] < face["x2"] and face["y1"] < face["nose_y"] < face["y2"]
+    probabilities = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
+    assert probabilities.shape[1] == 8 and abs(probabilities.sum() - 1) < 1e-4
+    assert face["label"] == table.columns[table.columns.str.startswith("p_")][probabilities.argmax()][2:]
+    assert face["score"] > 0.9 and face["detector"] == "mtcnn" and face["framing"] == "synthfer_framing"
+    assert face["face_id"] == 0 and face["frame"] == 0 and pd.isna(face["timestamp"])
+    assert face["face_px"] > 100 and not face["small"]
+    drawn = cv2.imread(str(overlay / "grace_hopper.jpg"))
+    original = cv2.imread(str(grace_hopper()))
+    assert drawn.shape == original.shape and np.abs(drawn.astype(int) - original).mean() > 1  # boxes, labels, bars
+    # parquet, and the same face
+    result = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "faces.parquet")])
+    assert result.exit_code == 0, result.output
+    again = pd.read_parquet(tmp_path / "faces.parquet")
+    np.testing.assert_allclose(again[["x1", "y1", "x2", "y2"]].to_numpy(), table[["x1", "y1", "x2", "y2"]], atol=1e-3)
+
+
+def _synthfer_faces(root: Path, count: int) -> list[np.ndarray]:
+    from fer_bench.data import get_dataset
+    from fer_bench.data.synthfer import render_image
+
+    info = get_dataset("synthfer", root)
+    config = info.extras["synth_config"]
+    return [render_image(config, image_id) for image_id in info.manifest["image_id"][:count]]
+
+
+def test_predict_on_a_video_keeps_track_ids(tiny_checkpoint, tiny_synthfer, mtcnn_wheel, tmp_path):
+    from fer_bench.faces import create_detector
+
+    detector = create_detector("mtcnn", weights=str(mtcnn_wheel))
+    faces = [cv2.resize(f, (120, 120), interpolation=cv2.INTER_CUBIC) for f in _synthfer_faces(tiny_synthfer, 24)]
+    found = [len(d) == 1 and d.scores[0] > 0.95 for d in detector.detect(faces)]
+    left, right = (faces[k] for k in np.nonzero(found)[0][:2])  # two faces the detector sees clearly
+    path, fps, frames = tmp_path / "clip.mp4", 10.0, 12
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (400, 200))
+    for k in range(frames):  # the faces drift towards each other, 3 px a frame
+        canvas = np.full((200, 400, 3), 90, np.uint8)
+        canvas[40:160, 20 + 3 * k : 140 + 3 * k] = left
+        canvas[40:160, 260 - 3 * k : 380 - 3 * k] = right
+        writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    writer.release()
+    out, overlay = tmp_path / "video.csv", tmp_path / "overlay"
+    args = ["predict", "--checkpoint", str(tiny_checkpoint), "--video", str(path), "--batch-size", "5"]
+    result = runner.invoke(
+        app, args + ["--detector-weights", str(mtcnn_wheel), "--out", str(out), "--overlay", str(overlay)]
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert sorted(table["frame"].unique()) == list(range(frames))
+    np.testing.assert_allclose(table["timestamp"], table["frame"] / fps, atol=1e-6)
+    assert len(table) == 2 * frames
+    table["side"] = np.where(table["x1"] < 200, "left", "right")
+    ids = table.groupby("side")["face_id"].unique()
+    assert [len(v) for v in ids] == [1, 1] and ids["left"][0] != ids["right"][0]  # one id per face, all along
+    video = cv2.VideoCapture(str(overlay / "clip.mp4"))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+
+
+def test_prepare_with_a_detector_counts_every_outcome(tiny_checkpoint, mtcnn_wheel, tmp_path):
+    """A folder dataset with one face, no face and two faces: each outcome is counted; the aligned cache trains."""
+    photo = cv2.imread(str(grace_hopper()))
+    root = tmp_path / "faces"
+    for split in ("train", "test"):
+        (root / split / "happy").mkdir(parents=True)
+        (root / split / "neutral").mkdir(parents=True)
+        cv2.imwrite(str(root / split / "happy" / "one.jpg"), photo)
+        cv2.imwrite(str(root / split / "neutral" / "none.jpg"), np.full((300, 300, 3), 128, np.uint8))
+        small = cv2.resize(photo, None, fx=0.6, fy=0.6)
+        small = np.pad(small, ((0, photo.shape[0] - small.shape[0]), (0, 0), (0, 0)))
+        two = np.concatenate([photo, small], axis=1)  # the photo and a smaller copy beside it
+        cv2.imwrite(str(root / split / "happy" / "two.jpg"), two)
+    cache = tmp_path / "cache"
+    args = ["data", "prepare", "--dataset", "folder", "--root", str(root), "--align", "arcface112", "--size", "64"]
+    result = runner.invoke(app, args + ["--detector-weights", str(mtcnn_wheel), "--out", str(cache)])
+    assert result.exit_code == 0, result.output
+    card = yaml.safe_load((cache / "cache.yaml").read_text())
+    record = card["alignment"]
+    assert record["outcomes"] == {"one face": 2, "dropped: no face": 2, "several faces: kept the largest": 2}
+    assert record["detector"] == "mtcnn" and len(record["weights_sha256"]) == 64 and record["template"] == "arcface112"
+    assert card["counts"] == {"train": 2, "test": 2} and card["dropped"]["no face"] == 2
+    rows = pd.read_parquet(cache / "rows.parquet")
+    assert (rows["face_score"] > 0.9).all() and set(rows["faces_found"]) == {1, 2}
+    # the largest face of the pair is the full-size one, on the left
+    assert all(box[0] < photo.shape[1] for box in rows["face_box"])
+    result = runner.invoke(app, ["data", "describe", "--cache", str(cache)])
+    assert result.exit_code == 0 and "arcface112 (mtcnn landmarks" in result.output, result.output
+    # a model trained on SynthFER's own crops is refused on this aligned cache, then allowed when told
+    eval_args = ["eval", "--dataset", "folder", "--cache", str(cache), "--checkpoint", str(tiny_checkpoint)]
+    eval_args += ["--bootstrap", "0", "--no-tracking", "--out", str(tmp_path / "ev")]
+    _one_line_error(runner.invoke(app, eval_args), "trained on the dataset's own crops", "arcface112")
+    assert runner.invoke(app, eval_args + ["--allow-template-mismatch"]).exit_code == 0
+
+
+def test_bad_inputs_are_one_line(tiny_checkpoint, mtcnn_wheel, tmp_path):
+    base = ["predict", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "f.csv")]
+    weights = ["--detector-weights", str(mtcnn_wheel)]
+    # missing weights: where to get them and where to put them
+    result = runner.invoke(
+        app, base + ["--images", str(grace_hopper()), "--detector-weights", str(tmp_path / "no.whl")]
+    )
+    _one_line_error(result, "no.whl", "pip download facenet-pytorch")
+    result = runner.invoke(
+        app,
+        base
+        + ["--images", str(grace_hopper()), "--detector", "retinaface", "--detector-weights", str(tmp_path / "r.zip")],
+    )
+    _one_line_error(result, "r.zip", "retinaface_resnet50_2020-07-20")
+    # an image without a face
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((240, 320, 3), 200, np.uint8))
+    _one_line_error(runner.invoke(app, base + weights + ["--images", str(blank)]), "no face found", "blank.png")
+    # a corrupt image and an unreadable video
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    _one_line_error(runner.invoke(app, base + weights + ["--images", str(broken)]), "broken.jpg")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(np.random.default_rng(0).bytes(4096))
+    _one_line_error(runner.invoke(app, base + weights + ["--video", str(video)]), "clip.mp4")
+    _one_line_error(runner.invoke(app, base + weights + ["--video", str(tmp_path / "none.mp4")]), "none.mp4")
+    # an unknown detector, a bad table name, and a template the model was not trained on
+    _one_line_error(runner.invoke(app, base + ["--images", str(blank), "--detector", "mtcn"]), "mtcnn")
+    result = runner.invoke(app, [*base[:-1], str(tmp_path / "f.txt"), "--images", str(blank)])
+    _one_line_error(result, "f.txt", ".csv or .parquet")
+    result = runner.invoke(app, base + weights + ["--images", str(grace_hopper()), "--align", "arcface112"])
+    _one_line_error(result, "--align arcface112", "--allow-template-mismatch")
+    assert not (tmp_path / "f.csv").exists()
