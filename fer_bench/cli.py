@@ -587,7 +587,7 @@ def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detecto
         import dataclasses
 
         frames, facts = video_frames(video, every=every)
-        total, unit = (facts.frames // every if facts.frames else None), "frame(s)"
+        total, unit = (-(-facts.frames // every) if facts.frames else None), "frame(s)"
         facts = dataclasses.replace(facts, fps=(facts.fps or 25.0) / every)  # the overlay video's rate
         name = f"video {video.name}"
     else:

@@ -148,3 +148,64 @@ def test_rafdb_manual_landmarks_align_the_original_images(tmp_path):
     five = np.stack([v.reshape(5, 2) for v in rows["face_landmarks"]])
     assert np.abs(five - get_template("arcface112").at(56)).mean() < 3
     shutil.rmtree(folder)
+
+
+def test_prepare_then_train_and_eval_on_the_aligned_cache(tiny_synthfer, tmp_path):
+    """The CLI round trip: ``data prepare`` → ``train --set data.cache=DIR`` (alignment adopted and recorded) →
+    ``eval --cache DIR``; the dataset's own crops are refused for that model unless allowed."""
+    import torch
+    from typer.testing import CliRunner
+
+    from fer_bench.cli import app
+    from tests.conftest import tiny_recipe_dict
+    from tests.test_cli import _one_line_error
+
+    runner = CliRunner()
+    cache = tmp_path / "aligned"
+    args = ["data", "prepare", "--dataset", "synthfer", "--root", str(tiny_synthfer), "--align", "arcface112"]
+    result = runner.invoke(app, args + ["--landmarks", "dataset", "--size", "32", "--out", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert "aligned to arcface112 (the dataset's landmarks)" in result.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
+    result = runner.invoke(
+        app, ["train", str(recipe), "--set", f"data.cache={cache}", "--set", "tracking.enabled=false"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "aligned to arcface112" in result.output
+    run = tmp_path / "run"
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["face_framing"]["alignment"] == "arcface112"
+    resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())["_resolved"]
+    assert resolved["face_framing"]["template"] == "arcface112" and "aligned to arcface112" in resolved["layout"]
+    eval_args = ["eval", "--dataset", "synthfer", "--checkpoint", str(run / "best.pt"), "--bootstrap", "0"]
+    eval_args += ["--no-tracking", "--out", str(tmp_path / "ev")]
+    result = runner.invoke(app, eval_args + ["--cache", str(cache), "--json"])
+    assert result.exit_code == 0, result.output
+    _one_line_error(
+        runner.invoke(app, eval_args + ["--root", str(tiny_synthfer)]), "aligned to arcface112", "own crops"
+    )
+    # a recipe asking for another template than the cache holds is one line
+    overrides = ["--set", f"data.cache={cache}", "--set", "data.align.template=ffhq512"]
+    result = runner.invoke(app, ["train", str(recipe), *overrides, "--set", f"output_dir={tmp_path / 'run2'}"])
+    _one_line_error(result, "data.align.template 'ffhq512'", "arcface112")
+
+
+def test_recipe_data_align_builds_the_aligned_cache(tiny_synthfer, tmp_path):
+    from fer_bench.train import fit, load_recipe
+    from tests.conftest import Recorder, tiny_recipe_dict
+
+    recipe = tmp_path / "r.yaml"
+    data = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})
+    data["data"]["align"] = {"template": "rafdb_like", "landmarks": "dataset"}
+    data["tracking"]["enabled"] = False
+    recipe.write_text(yaml.safe_dump(data))
+    callbacks = Recorder()
+    result = fit(load_recipe(recipe), callbacks=callbacks)
+    assert any("rafdb_like" in m for m in callbacks.messages)  # the aligned cache built (or reused)
+    import torch
+
+    framing = torch.load(result.output_dir / "best.pt", weights_only=True)["face_framing"]
+    assert framing["alignment"] == "rafdb_like" and framing["size"] == 32
+    with pytest.raises(ConfigError, match="data.align.template"):
+        load_recipe(recipe, ["data.align.template=arcface"])

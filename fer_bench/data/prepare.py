@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from torchvision.ops import box_iou
 
 from fer_bench.data.cache import (
     DEFAULT_CACHE_SIZE,
@@ -65,16 +67,6 @@ def alignment_parameters(
     return parameters
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
-
-
 def choose_face(faces, *, select: str, dataset_box=None) -> tuple[int | None, str]:
     """Which of ``faces`` (a :class:`fer_bench.faces.Faces`) to keep, and why (the reason counted in cache.yaml)."""
     if len(faces) == 0:
@@ -82,7 +74,8 @@ def choose_face(faces, *, select: str, dataset_box=None) -> tuple[int | None, st
     if len(faces) == 1:
         return 0, "one face"
     if dataset_box is not None and not (isinstance(dataset_box, float) and np.isnan(dataset_box)):
-        overlap = _iou(np.asarray(dataset_box, np.float32), faces.boxes)
+        box = torch.as_tensor(np.asarray(dataset_box, np.float32)).reshape(1, 4)
+        overlap = box_iou(box, torch.from_numpy(faces.boxes))[0].numpy()
         if overlap.max() > 0.3:
             return int(overlap.argmax()), "several faces: kept the one in the dataset's face box"
     if select == "drop":

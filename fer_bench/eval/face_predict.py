@@ -26,6 +26,7 @@ import torch
 from fer_bench.data.device_augment import normalize
 from fer_bench.errors import ConfigError, DataError
 from fer_bench.faces import LANDMARK_NAMES, Faces, IoUTracker, umeyama, warp_faces
+from fer_bench.faces.align import scale_points
 from fer_bench.runtime import autocast, autocast_dtype
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -171,9 +172,7 @@ def model_framing(
 def framing_points(framing: dict[str, Any], size: int) -> np.ndarray:
     """The five points (float32 [5, 2]) a model's training faces sat on, scaled to a ``size`` crop (pixel centres
     scale about -0.5)."""
-    points = np.asarray(framing["points"], np.float64).reshape(5, 2)
-    scale = size / float(framing["size"])
-    return ((points + 0.5) * scale - 0.5).astype(np.float32)
+    return scale_points(np.asarray(framing["points"]).reshape(5, 2), from_size=float(framing["size"]), to_size=size)
 
 
 def sharpness(crops: torch.Tensor) -> np.ndarray:

@@ -35,9 +35,19 @@ class Template:
     source: str
 
     def at(self, size: int) -> np.ndarray:
-        """The points scaled to a ``size`` x ``size`` crop, float32 [5, 2] (pixel centres scale about -0.5)."""
-        scale = size / self.size
-        return ((np.asarray(self.points, np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+        """The points scaled to a ``size`` x ``size`` crop, float32 [5, 2]."""
+        return scale_points(self.points, from_size=self.size, to_size=size)
+
+
+def scale_points(points, *, from_size: float, to_size: float) -> np.ndarray:
+    """Pixel coordinates in a ``from_size`` square moved to a ``to_size`` square, float32. Pixel centres scale about
+    -0.5 (cv2's convention): (p + 0.5) * to / from - 0.5.
+
+    Example:
+        >>> scale_points([[0.0, 55.5]], from_size=112, to_size=224).tolist()
+        [[0.5, 111.5]]
+    """
+    return ((np.asarray(points, np.float64) + 0.5) * (to_size / from_size) - 0.5).astype(np.float32)
 
 
 TEMPLATES: Registry = Registry("alignment template")

@@ -87,6 +87,7 @@ def dataset_for_run(
     message: Callable[[str], None],
     progress: Callable[[int, int], None] | None = None,
     align: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> DatasetInfo:
     """The run's dataset: read (or generated), through the prepared cache unless ``cache`` is ``off``, with a
     validation split carved from train when the dataset ships none, checked against the recipe's label space.
@@ -124,7 +125,7 @@ def dataset_for_run(
                 size=cache_size or img_size,
                 landmarks=align["landmarks"],
                 detector=(
-                    create_detector(align["detector"], weights=align.get("detector_weights"))
+                    create_detector(align["detector"], weights=align.get("detector_weights"), device=device)
                     if align["landmarks"] == "detector"
                     else None
                 ),

@@ -385,6 +385,7 @@ class _Run:
                     label_space=data.label_space,
                     message=self.cb.message,
                     align=data.align.model_dump() if data.align else None,
+                    device=self.device,
                 )
             barrier(self.ctx)
         self.face_framing = face_framing(self.info)
