@@ -49,3 +49,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be printed and written (bytes that are not UTF-8 shown as ``\\xff``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(path: str | os.PathLike) -> bool:
+    """False for a file name with bytes that are not UTF-8 (OpenCV cannot open those, a table cannot hold them)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

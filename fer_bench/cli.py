@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +31,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 data_app = typer.Typer(
-    help="Datasets: list adapters, describe and verify a dataset, generate SynthFER.", no_args_is_help=True
+    help="Datasets: list adapters, describe and verify a dataset, generate SynthFER, cache and align faces.",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 
@@ -95,6 +97,9 @@ def main_callback(
     )
     for noisy in ("mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # OpenCV's and FFmpeg's own lines ("moov atom not found") would come before our one-line error
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,12 +297,14 @@ def _protocol_data(protocol, *, root: Path | None, cache: Path | None, option: l
     from fer_bench.options import parse_key_values
 
     options = parse_key_values(option or [], flag="--option")
+    if (cache is None) == (root is None):
+        raise ConfigError("give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it), not both")
     if cache is None:
-        if root is None:
-            raise ConfigError("give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it)")
         return load_protocol_data(protocol, root, options)
+    from fer_bench.data import check_dataset_options
     from fer_bench.data.cache import open_cache, read_cache_card
 
+    check_dataset_options(protocol.dataset, options)
     info = open_cache(cache)
     if info.name != protocol.dataset:
         raise ConfigError(
@@ -460,7 +467,8 @@ def _detector(name: str, weights: Path | None, device):
 def predict_cmd(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint written by train.")],
     images: Annotated[
-        list[Path] | None, typer.Option("--images", help="Photos, or folders of photos (repeatable).")
+        list[Path] | None,
+        typer.Option("--images", help="A photo, or a folder of photos; repeat for more: --images a.jpg --images b/"),
     ] = None,
     video: Annotated[Path | None, typer.Option("--video", help="A video file (decoded with OpenCV).")] = None,
     dataset: Annotated[
@@ -470,7 +478,9 @@ def predict_cmd(
     cache: CacheFolder = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Table to write: faces.csv or faces.parquet (a submission CSV with --dataset)."),
+        typer.Option(
+            "--out", help="Table to write: faces.csv (default) or faces.parquet; a submission CSV with --dataset."
+        ),
     ] = None,
     overlay: Annotated[
         Path | None, typer.Option("--overlay", help="Folder for annotated copies of the photos or the video.")
@@ -499,6 +509,16 @@ def predict_cmd(
     if dataset:
         if out is None:
             raise ConfigError("--dataset: give --out sub.csv, the submission to write")
+        media_only = {
+            "--overlay": overlay is not None,
+            "--align": align is not None,
+            "--every": every != 1,
+            "--detector": detector != "mtcnn",
+            "--detector-weights": detector_weights is not None,
+        }
+        given = [flag for flag, used in media_only.items() if used]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for --images or --video (the dataset's faces are read as is)")
         _predict_dataset(
             checkpoint, dataset, root=root, cache=cache, out=out, option=option, tta=tta, batch_size=batch_size,
             allow=allow_template_mismatch,
@@ -517,6 +537,9 @@ def predict_cmd(
         batch_size=batch_size,
         allow=allow_template_mismatch,
     )
+
+
+_DROPPED_OUTCOMES = ("dropped: no face", "dropped: several faces", "dropped: no landmarks")
 
 
 def _predict_dataset(checkpoint, dataset, *, root, cache, out, option, tta, batch_size, allow) -> None:
@@ -547,6 +570,14 @@ def _predict_dataset(checkpoint, dataset, *, root, cache, out, option, tta, batc
         )
     write_submission(out, ids=ids, label_names=tuple(info.label_space.names), probs=probs)
     stdout.print(f"submission for {protocol.name}: {len(ids)} rows written to {out}")
+    dropped = sum((info.extras.get("alignment") or {}).get("outcomes", {}).get(k, 0) for k in _DROPPED_OUTCOMES)
+    if dropped:
+        console.print(
+            f"[yellow]warning:[/] the cache dropped {dropped} image(s) without a usable face (all splits): a "
+            f"{protocol.name} submission missing test images is refused by eval and the leaderboards",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detector_weights, align, every,
@@ -617,10 +648,12 @@ def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detecto
         "detector": face_detector.name,
         "detector_weights": face_detector.weights_sha256[:16],
     }
+    replaced = out.exists()
     table = write_table(result.records, out, extra=extra)
     flagged = int((table["small"] | table["blurry"]).sum())
     stdout.print(
         f"{len(table)} face(s) in {result.frames_seen} {unit}: table {out}"
+        + (" (replaced)" if replaced else "")
         + (f"; {flagged} flagged small or blurry" if flagged else "")
         + (f"; overlays in {overlay}" if overlay is not None else ""),
         highlight=False,
@@ -1054,6 +1087,8 @@ def data_prepare(
         raise ConfigError(f"--landmarks: expected {' or '.join(LANDMARK_SOURCES)}, got {landmarks!r}")
     if select not in SELECTIONS:
         raise ConfigError(f"--select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+    if landmarks == "dataset" and (detector != "mtcnn" or detector_weights is not None):
+        raise ConfigError("--detector/--detector-weights: not used with --landmarks dataset (no detection is run)")
     if out is not None:
         check_cache_folder(out)
     face_detector = None
@@ -1130,7 +1165,26 @@ def data_list() -> None:
 
 
 def main() -> None:
-    app()
+    """The ``ferbench`` entry point: usage errors (a bad option value, a missing option) are one line too."""
+    try:  # recent typer vendors its own click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        from click import exceptions as click_exceptions
+
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # ``ferbench data``: the help, as typer would print it
+        console.print(exc.ctx.get_help() if exc.ctx else str(exc), highlight=False)
+        raise SystemExit(2) from None
+    except click_exceptions.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+        console.print(f"[bold red]error:[/] {where}{exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except click_exceptions.Abort:
+        console.print("aborted", highlight=False)
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

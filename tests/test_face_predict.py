@@ -65,7 +65,8 @@ def test_predict_on_a_real_photograph(tiny_checkpoint, mtcnn_wheel, tmp_path):
     assert face["score"] > 0.9 and face["detector"] == "mtcnn" and face["framing"] == "synthfer_framing"
     assert face["face_id"] == 0 and face["frame"] == 0 and pd.isna(face["timestamp"])
     assert face["face_px"] > 100 and not face["small"]
-    drawn = cv2.imread(str(overlay / "grace_hopper.jpg"))
+    assert face["overlay"] == "grace_hopper.overlay.jpg"
+    drawn = cv2.imread(str(overlay / "grace_hopper.overlay.jpg"))
     original = cv2.imread(str(grace_hopper()))
     assert drawn.shape == original.shape and np.abs(drawn.astype(int) - original).mean() > 1  # boxes, labels, bars
     # parquet, and the same face
@@ -112,7 +113,8 @@ def test_predict_on_a_video_keeps_track_ids(tiny_checkpoint, tiny_synthfer, mtcn
     table["side"] = np.where(table["x1"] < 200, "left", "right")
     ids = table.groupby("side")["face_id"].unique()
     assert [len(v) for v in ids] == [1, 1] and ids["left"][0] != ids["right"][0]  # one id per face, all along
-    video = cv2.VideoCapture(str(overlay / "clip.mp4"))
+    assert set(table["overlay"]) == {"clip.overlay.mp4"}
+    video = cv2.VideoCapture(str(overlay / "clip.overlay.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
 
 
@@ -184,3 +186,98 @@ def test_bad_inputs_are_one_line(tiny_checkpoint, mtcnn_wheel, tmp_path):
     result = runner.invoke(app, base + weights + ["--images", str(grace_hopper()), "--align", "arcface112"])
     _one_line_error(result, "--align arcface112", "--allow-template-mismatch")
     assert not (tmp_path / "f.csv").exists()
+
+
+def test_overlays_never_replace_the_inputs(tiny_checkpoint, mtcnn_wheel, tmp_path):
+    import hashlib
+    import shutil
+
+    photos = tmp_path / "photos"
+    (photos / "b").mkdir(parents=True)
+    shutil.copy(grace_hopper(), photos / "face.jpg")
+    shutil.copy(grace_hopper(), photos / "b" / "face.jpg")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.rglob("*.jpg")}
+    args = ["predict", "--checkpoint", str(tiny_checkpoint), "--images", str(photos), "--overlay", str(photos)]
+    result = runner.invoke(app, args + ["--detector-weights", str(mtcnn_wheel), "--out", str(tmp_path / "t.csv")])
+    assert result.exit_code == 0, result.output
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before  # the photos are untouched
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert sorted(table["overlay"]) == ["face.overlay.jpg", "face_.overlay.jpg"]
+    assert all((photos / name).is_file() for name in table["overlay"])
+    # a rerun over the same folder does not read its own overlays as photos
+    result = runner.invoke(app, args + ["--detector-weights", str(mtcnn_wheel), "--out", str(tmp_path / "t.csv")])
+    assert result.exit_code == 0 and len(pd.read_csv(tmp_path / "t.csv")) == 2, result.output
+
+
+def test_more_bad_inputs_are_one_line(tiny_checkpoint, mtcnn_wheel, tmp_path):
+    import os
+    import struct
+    import zlib
+
+    base = ["predict", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "f.csv")]
+    weights = ["--detector-weights", str(mtcnn_wheel)]
+    # a file name that is not UTF-8 (OpenCV would crash on it)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff.jpg")
+    Path(odd).write_bytes(grace_hopper().read_bytes())
+    _one_line_error(runner.invoke(app, base + weights + ["--images", odd]), "bad\\xff.jpg", "UTF-8")
+    # a photo whose header claims 400 megapixels is refused before decoding
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (  # noqa: E731
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    )
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    _one_line_error(runner.invoke(app, base + weights + ["--images", str(huge)]), "huge.png", "megapixels")
+    # a text file as a checkpoint
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    result = runner.invoke(app, ["predict", "--checkpoint", str(text), "--images", str(huge)])
+    _one_line_error(result, "notes.pt", "not a readable checkpoint")
+    # options that only make sense for photos, given with --dataset; --root and --cache together
+    result = runner.invoke(
+        app, ["predict", "--checkpoint", str(tiny_checkpoint), "--dataset", "synthfer", "--root", str(tmp_path),
+              "--out", str(tmp_path / "s.csv"), "--overlay", str(tmp_path / "o"), "--every", "2"]
+    )  # fmt: skip
+    _one_line_error(result, "--overlay", "--every", "only for --images or --video")
+    result = runner.invoke(
+        app, ["eval", "--dataset", "synthfer", "--root", str(tmp_path), "--cache", str(tmp_path), "--checkpoint",
+              str(tiny_checkpoint)]
+    )  # fmt: skip
+    _one_line_error(result, "not both")
+    # a video without faces leaves no overlay behind
+    blank_video = tmp_path / "blank.mp4"
+    writer = cv2.VideoWriter(str(blank_video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))
+    for _ in range(3):
+        writer.write(np.full((120, 160, 3), 128, np.uint8))
+    writer.release()
+    result = runner.invoke(app, base + weights + ["--video", str(blank_video), "--overlay", str(tmp_path / "ov")])
+    _one_line_error(result, "no face found", "blank.mp4")
+    assert not list((tmp_path / "ov").glob("*")) if (tmp_path / "ov").exists() else True
+
+
+def test_a_users_files_with_cache_names_are_not_replaced(tiny_synthfer, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.npy").write_bytes(b"my own array")
+    args = ["data", "prepare", "--dataset", "synthfer", "--root", str(tiny_synthfer), "--align", "arcface112"]
+    result = runner.invoke(app, args + ["--landmarks", "dataset", "--out", str(mine)])
+    _one_line_error(result, str(mine), "no cache.yaml written by fer_bench")
+    assert (mine / "train.npy").read_bytes() == b"my own array"
+    result = runner.invoke(app, args + ["--landmarks", "dataset", "--detector", "retinaface"])
+    _one_line_error(result, "not used with --landmarks dataset")
+
+
+def test_usage_errors_are_one_line_from_the_real_command(tmp_path):
+    """Bad option values go through click's parser, outside the commands: ``main`` makes them one line too."""
+    import subprocess
+    import sys
+
+    for args, fragment in (
+        (["predict", "--checkpoint", "c.pt", "--images", "a", "--batch-size", "0"], "--batch-size"),
+        (["predict", "--checkpoint", "c.pt", "--images", "a", "b"], "unexpected extra argument"),
+        (["bogus"], "No such command"),
+    ):
+        out = subprocess.run([sys.executable, "-m", "fer_bench", *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out
+        assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and fragment in out.stderr, out.stderr

@@ -3,6 +3,8 @@ reuse and rebuild, training and evaluating on an aligned cache, and the template
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -209,3 +211,15 @@ def test_recipe_data_align_builds_the_aligned_cache(tiny_synthfer, tmp_path):
     assert framing["alignment"] == "rafdb_like" and framing["size"] == 32
     with pytest.raises(ConfigError, match="data.align.template"):
         load_recipe(recipe, ["data.align.template=arcface"])
+
+
+def test_a_file_name_that_is_not_utf8_is_one_clear_error(tmp_path):
+    import os
+
+    from tests.formats import write_class_folders
+
+    root = write_class_folders(tmp_path / "folder")
+    odd = os.fsdecode(os.fsencode(str(root / "train" / "happy")) + b"/odd\xff.png")
+    Path(odd).write_bytes((next((root / "train" / "happy").glob("*.png"))).read_bytes())
+    with pytest.raises(DataError, match=r"odd\\xff.png: the file name is not valid UTF-8"):
+        get_dataset("folder", root)

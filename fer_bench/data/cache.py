@@ -586,13 +586,30 @@ def check_cache_folder(out: Path) -> None:
         return
     if not out.is_dir():
         raise ConfigError(f"cache folder {out}: is a file, not a folder; choose another --out / data.cache")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _CACHE_FILES)
+    present = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in present if name not in _CACHE_FILES]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ConfigError(
             f"cache folder {out}: holds files a fer_bench cache does not ({shown}); it is not a cache and would be "
             "replaced by one, so choose another folder"
         )
+    whole = {"cache.yaml", "rows.parquet"} <= set(present) and any(name.endswith(".npy") for name in present)
+    if present and not whole and not _written_by_fer_bench(out / "cache.yaml"):
+        # files with a cache's names (someone's train.npy) are still not ours to replace; a damaged cache (all its
+        # files there, its card unreadable) is rebuilt
+        raise ConfigError(
+            f"cache folder {out}: holds {', '.join(present[:3])} but no cache.yaml written by fer_bench; it is not a "
+            "cache and would be replaced by one, so choose another folder"
+        )
+
+
+def _written_by_fer_bench(card_path: Path) -> bool:
+    try:
+        card = yaml.safe_load(card_path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(card, dict) and "format_version" in card and "fer_bench" in card
 
 
 def _prepare(info, *, out: Path, spec: CacheSpec, size: int, workers, progress, message, before_build=None) -> Path:
@@ -631,7 +648,8 @@ def open_cache(folder: str | os.PathLike) -> DatasetInfo:
     card = read_cache_card(folder)
     problem = integrity_problem(folder, card)
     if problem:
-        raise DataError(f"cache {folder}: {problem}; rebuild it (ferbench data cache ... --out {folder})")
+        command = "data prepare ... --align TEMPLATE" if card.get("alignment") else "data cache ..."
+        raise DataError(f"cache {folder}: {problem}; rebuild it (ferbench {command} --out {folder})")
     rows = pd.read_parquet(folder / "rows.parquet")
     images = CachedImages(folder, card["counts"])
     offsets = {split: int(images.offsets[k]) for k, split in enumerate(images.splits)}

@@ -4,7 +4,8 @@ table (one row per face per image or frame) and annotated overlays.
 The table's columns: ``source``, ``frame``, ``timestamp`` (seconds; empty for photos), ``face_id`` (the face's
 rank in its image, or its track id in a video), ``x1 y1 x2 y2``, ``score`` (detection), the five landmarks
 (``left_eye_x`` ...), ``face_px`` (the box's shorter side), ``sharpness`` (variance of the Laplacian of the aligned
-grey crop), ``small``/``blurry`` flags, one ``p_<class>`` column per class, ``label``, ``confidence``, and the
+grey crop), ``small``/``blurry`` flags, one ``p_<class>`` column per class, ``label``, ``confidence``, ``overlay``
+(the annotated file's name with ``--overlay``: ``<stem>.overlay.jpg`` or ``.mp4``, never an input's name), and the
 ``model``, ``framing``, ``detector`` and ``detector_weights`` used. Faces too small or too blurred to trust are
 flagged, never dropped.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fer_bench._io import atomic_path, atomic_write_bytes, is_utf8_name, shown_path
 from fer_bench.data.device_augment import normalize
 from fer_bench.errors import ConfigError, DataError
 from fer_bench.faces import LANDMARK_NAMES, Faces, IoUTracker, umeyama, warp_faces
@@ -32,6 +34,8 @@ from fer_bench.runtime import autocast, autocast_dtype
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MIN_FACE_PX = 32  # below this the crop is mostly upsampled blur: flagged "small"
 MIN_SHARPNESS = 25.0  # variance of the Laplacian of the aligned grey crop; below it flagged "blurry"
+MAX_PIXELS = 100_000_000  # a photo above 100 MP is refused before decoding: 12000x16000 took 10 GB and 80 s
+OVERLAY_SUFFIX = ".overlay"  # overlays are <stem>.overlay.jpg / .mp4: never the name of an input
 
 
 @dataclass
@@ -53,8 +57,14 @@ def image_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
+        if not is_utf8_name(path):
+            raise DataError(f"{shown_path(path)}: the name is not valid UTF-8 (OpenCV cannot open it); rename it")
         if path.is_dir():
             inside = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            inside = [p for p in inside if not p.stem.endswith(OVERLAY_SUFFIX)]  # our own overlays from a past run
+            for p in inside:
+                if not is_utf8_name(p):
+                    raise DataError(f"{shown_path(p)}: the file name is not valid UTF-8; rename the file")
             if not inside:
                 raise DataError(f"{path}: a folder with no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found.extend(inside)
@@ -66,7 +76,24 @@ def image_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def read_photo(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an image file (grey and alpha images converted); DataError naming it otherwise."""
+    """RGB uint8 [H, W, 3] of an image file (grey and alpha images converted); DataError naming it otherwise
+    (also for a photo above MAX_PIXELS, refused from its header before any decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as header:  # reads the header only
+            width, height = header.size
+    except Image.DecompressionBombError:  # PIL's own limit (~179 MP) is above ours: the same answer
+        width = height = MAX_PIXELS
+    except Exception:  # not an image PIL knows, or a broken header: OpenCV has the last word below
+        width = height = 0
+    if width * height > MAX_PIXELS:
+        size = (
+            f"{width}x{height} is {width * height / 1e6:.0f} megapixels"
+            if width != MAX_PIXELS
+            else "over 179 megapixels"
+        )
+        raise DataError(f"{path}: {size}, above the {MAX_PIXELS / 1e6:.0f}-MP limit for one photo; downscale it first")
     data = np.fromfile(str(path), dtype=np.uint8) if path.stat().st_size else np.zeros(0, np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
@@ -90,8 +117,12 @@ class VideoInfo:
 def open_video(path: str | os.PathLike) -> tuple[cv2.VideoCapture, VideoInfo]:
     """An opened OpenCV capture and the video's facts. DataError naming the file when it cannot be decoded."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a video file (or use --images for a folder of photos)")
     if not path.is_file():
-        raise DataError(f"{path}: no such video file")
+        raise DataError(f"{shown_path(path)}: no such video file")
+    if not is_utf8_name(path):
+        raise DataError(f"{shown_path(path)}: the file name is not valid UTF-8 (OpenCV cannot open it); rename it")
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise DataError(f"{path}: not a video OpenCV can open (unknown container or codec, or a corrupt file)")
@@ -301,7 +332,7 @@ def predict_media(
     writer = None
     if overlay is not None and video is not None and video_facts is not None:
         writer = VideoOverlay(
-            overlay / f"{video.stem}.mp4", fps=video_facts.fps or 25.0, width=video_facts.width,
+            overlay / f"{video.stem}{OVERLAY_SUFFIX}.mp4", fps=video_facts.fps or 25.0, width=video_facts.width,
             height=video_facts.height,
         )  # fmt: skip
     try:
@@ -317,26 +348,29 @@ def predict_media(
                     no_face.append(frame.source if video is None else f"frame {frame.frame}")
                 if writer is not None:
                     writer.write(draw_overlay(frame.image, mine, predictor.label_names))
+                    name = writer.path.name
                 elif overlay is not None:
-                    stem = Path(frame.source).stem
-                    while stem in used:  # photos with the same name from different folders
-                        stem += "_"
-                    used.add(stem)
-                    write_image(overlay / f"{stem}.jpg", draw_overlay(frame.image, mine, predictor.label_names))
+                    name = f"{Path(frame.source).stem}{OVERLAY_SUFFIX}.jpg"
+                    while name in used:  # photos with the same name from different folders
+                        name = name.replace(f"{OVERLAY_SUFFIX}.jpg", f"_{OVERLAY_SUFFIX}.jpg")
+                    used.add(name)
+                    write_image(overlay / name, draw_overlay(frame.image, mine, predictor.label_names))
+                for record in mine:
+                    record["overlay"] = name if overlay is not None else ""
             frames_seen += len(batch)
             if progress:
                 progress(len(batch), len(records))
+        if not records:
+            where = str(video) if video is not None else ", ".join(no_face[:3]) + (", ..." if len(no_face) > 3 else "")
+            raise DataError(
+                f"no face found in {where} by {predictor.detector.name}; faces under ~20 px or in profile may be missed"
+            )
     except BaseException:
         if writer is not None:
             writer.discard()
         raise
     if writer is not None:
         writer.close()
-    if not records:
-        where = str(video) if video is not None else ", ".join(no_face[:3]) + (", ..." if len(no_face) > 3 else "")
-        raise DataError(
-            f"no face found in {where} by {predictor.detector.name}; faces under ~20 px or in profile may be missed"
-        )
     return MediaResult(records=records, no_face=no_face, frames_seen=frames_seen)
 
 
@@ -349,14 +383,13 @@ def write_table(records: list[dict[str, Any]], out: str | os.PathLike, *, extra:
     table = pd.DataFrame.from_records(records)
     for key, value in extra.items():
         table[key] = value
-    tmp = out.with_name(f".{out.name}.partial")
+    _check_parent(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".csv":
-            table.to_csv(tmp, index=False, float_format="%.6g")
-        else:
-            table.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            if out.suffix.lower() == ".csv":
+                table.to_csv(tmp, index=False, float_format="%.6g")
+            else:
+                table.to_parquet(tmp, index=False)
     except OSError as exc:
         raise DataError(f"{out}: cannot be written ({exc.strerror or exc})") from None
     return table
@@ -409,14 +442,23 @@ def draw_overlay(image: np.ndarray, records: list[dict[str, Any]], label_names: 
     return canvas
 
 
+def _check_parent(path: Path) -> None:
+    """A clear error when some folder on ``path``'s way is a file (mkdir would only say "File exists")."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{path}: cannot be written, {parent} is a file, not a folder")
+            return
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
     """Write an RGB image atomically (the format from the suffix)."""
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    _check_parent(path)
+    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DataError(f"{path}: OpenCV cannot encode a {path.suffix} image")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-            raise DataError(f"{path}: could not be written")
-        os.replace(tmp, path)
+        atomic_write_bytes(path, encoded.tobytes())
     except OSError as exc:
         raise DataError(f"{path}: cannot be written ({exc.strerror or exc})") from None
 
@@ -425,6 +467,9 @@ class VideoOverlay:
     """An annotated copy of a video (mp4v in .mp4), written to a hidden file and renamed when closed."""
 
     def __init__(self, path: Path, *, fps: float, width: int, height: int) -> None:
+        _check_parent(path)
+        if not is_utf8_name(path):
+            raise DataError(f"{shown_path(path)}: the name is not valid UTF-8 (OpenCV cannot write it); choose another")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -275,6 +275,10 @@ def resolve_weights(weights: str | os.PathLike | None, *, allow_download: bool =
     """
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise WeightsUnavailableError(
+                f"RetinaFace weights: {path} is a folder; give the {RELEASE_FILE} file (or the .pth in it)"
+            )
         if not path.is_file():
             raise WeightsUnavailableError(f"RetinaFace weights not found: {path} does not exist; {_where_to_get()}")
         return path

@@ -28,6 +28,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: missing file, a file that needs unpickling of arbitrary objects, or not a fer_bench one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"--checkpoint {path}: is a folder; give the .pt file (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {path}: file not found")
     if path.stat().st_size == 0:
@@ -46,14 +48,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ) from None
         after = text.split("WeightsUnpickler error:", 1)[-1]  # what the unpickler found, without torch's advice
         lines = [line.strip() for line in after.splitlines() if line.strip() and "torch.load" not in line]
-        reason = lines[0] if lines else "not a pickle"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = _first_sentence(lines[0]) if lines else "not a pickle"
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = _first_sentence(str(exc)) or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    except Exception:  # the unpickler on arbitrary bytes raises KeyError, IndexError, ...: still not a checkpoint
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save file)") from None
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         raise CheckpointError(f"{path}: not a fer_bench checkpoint (expected keys 'model' and 'recipe')")
     return state
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first line's first sentence of an error text, never cut mid-word beyond ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def model_from_checkpoint(state: dict[str, Any]):

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from fer_bench._io import is_utf8_name, shown_path
 from fer_bench.data.labels import LabelSpace, canonical_expression
 from fer_bench.data.manifest import DatasetInfo
 from fer_bench.errors import DataError
@@ -85,6 +86,8 @@ def folder_rows(
     for split, split_dir in folders.items():
         for class_dir, name in class_folders(split_dir, label_of=label_of, dataset=dataset):
             for image in sorted(p for p in class_dir.rglob("*") if is_image(p)):
+                if not is_utf8_name(image):
+                    raise DataError(f"{shown_path(image)}: the file name is not valid UTF-8; rename the file")
                 rel = image.relative_to(root).as_posix()
                 rows.append(
                     {
