@@ -291,33 +291,10 @@ AllowMismatch = Annotated[
 
 
 def _protocol_data(protocol, *, root: Path | None, cache: Path | None, option: list[str] | None):
-    """The protocol's dataset from ``--root`` or from a prepared ``--cache`` (checked to hold that dataset)."""
-    from fer_bench.errors import ConfigError
-    from fer_bench.eval import load_protocol_data
+    from fer_bench.eval.protocols import protocol_data
     from fer_bench.options import parse_key_values
 
-    options = parse_key_values(option or [], flag="--option")
-    if (cache is None) == (root is None):
-        raise ConfigError("give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it), not both")
-    if cache is None:
-        return load_protocol_data(protocol, root, options)
-    from fer_bench.data import check_dataset_options
-    from fer_bench.data.cache import open_cache, read_cache_card
-
-    check_dataset_options(protocol.dataset, options)
-    info = open_cache(cache)
-    if info.name != protocol.dataset:
-        raise ConfigError(
-            f"--cache {cache}: holds dataset {info.name!r}, protocol {protocol.name!r} scores {protocol.dataset!r}"
-        )
-    built_with = read_cache_card(cache)["parameters"].get("options", {})
-    for key, value in {**options, **protocol.options}.items():
-        if key in built_with and built_with[key] != value:
-            raise ConfigError(
-                f"--cache {cache}: built with {key}={built_with[key]!r}, protocol {protocol.name!r} needs "
-                f"{key}={value!r}"
-            )
-    return info
+    return protocol_data(protocol, root=root, cache=cache, options=parse_key_values(option or [], flag="--option"))
 
 
 def _check_alignment(state: dict, info, *, allow: bool) -> None:
@@ -495,8 +472,13 @@ def predict_cmd(
     option: OptionList = None,
     tta: Annotated[str | None, typer.Option("--tta", help="Test-time augmentation (--dataset mode): flip.")] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images or frames per batch (faces are classified together).")
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Photos or frames per batch (default 16), or images per forward (--dataset: 128).",
+        ),
+    ] = None,
     allow_template_mismatch: AllowMismatch = False,
 ) -> None:
     """Predict expressions: on photos or a video (detect, align, classify: a table with one row per face and
@@ -519,11 +501,16 @@ def predict_cmd(
         given = [flag for flag, used in media_only.items() if used]
         if given:
             raise ConfigError(f"{', '.join(given)}: only for --images or --video (the dataset's faces are read as is)")
+        batch_size = batch_size or 128
         _predict_dataset(
             checkpoint, dataset, root=root, cache=cache, out=out, option=option, tta=tta, batch_size=batch_size,
             allow=allow_template_mismatch,
         )  # fmt: skip
         return
+    dataset_only = {"--tta": tta, "--root": root, "--cache": cache, "--option": option}
+    given = [flag for flag, value in dataset_only.items() if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --dataset (a protocol's images)")
     _predict_faces(
         checkpoint,
         images=images,
@@ -534,7 +521,7 @@ def predict_cmd(
         detector_weights=detector_weights,
         align=align,
         every=every,
-        batch_size=batch_size,
+        batch_size=batch_size or 16,
         allow=allow_template_mismatch,
     )
 
@@ -585,6 +572,7 @@ def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detecto
     from fer_bench.errors import ConfigError
     from fer_bench.eval.face_predict import (
         FacePredictor,
+        check_table_path,
         image_paths,
         model_framing,
         photo_frames,
@@ -595,10 +583,7 @@ def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detecto
     from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
     from fer_bench.runtime import resolve_device
 
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise ConfigError(f"--out {out}: expected a .csv or .parquet file name")
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a folder; give a file name such as {out / 'faces.csv'}")
+    check_table_path(out)
     if overlay is not None and overlay.exists() and not overlay.is_dir():
         raise ConfigError(f"--overlay {overlay}: is a file; give a folder for the annotated images")
     state = load_checkpoint(checkpoint)
@@ -941,6 +926,7 @@ def data_describe(
 
     if cache is not None:
         from fer_bench.data.cache import describe_alignment, open_cache, read_cache_card
+        from fer_bench.data.prepare import outcome_text
 
         info = open_cache(cache)
         card = read_cache_card(cache)
@@ -951,7 +937,7 @@ def data_describe(
             f"alignment: {describe_alignment(alignment).removeprefix('aligned to ') or 'none (the dataset crops)'}"
         ]
         if alignment:
-            extra_lines.append("faces: " + ", ".join(f"{k} {v}" for k, v in alignment.get("outcomes", {}).items()))
+            extra_lines.append(f"faces: {outcome_text(alignment.get('outcomes', {}))}")
             extra_lines.append(f"68-point landmarks: {alignment.get('landmarks68', '')}")
     elif dataset is None or root is None:
         raise ConfigError("give --dataset NAME --root DIR, or --cache FOLDER")
@@ -1077,7 +1063,7 @@ def data_prepare(
     with ferbench eval --cache FOLDER.
     """
     from fer_bench.data.cache import check_cache_folder, describe_alignment
-    from fer_bench.data.prepare import LANDMARK_SOURCES, SELECTIONS, cache_alignment, prepare_aligned
+    from fer_bench.data.prepare import LANDMARK_SOURCES, SELECTIONS, cache_alignment, outcome_text, prepare_aligned
     from fer_bench.errors import ConfigError
     from fer_bench.faces import get_template
     from fer_bench.runtime import resolve_device
@@ -1120,7 +1106,7 @@ def data_prepare(
     stdout.print(
         f"cache {folder}: faces{describe_alignment(record, prefix=' ')} at {record['size']} px", highlight=False
     )
-    stdout.print("faces: " + ", ".join(f"{k} {v}" for k, v in record["outcomes"].items()), highlight=False)
+    stdout.print(f"faces: {outcome_text(record['outcomes'])}", highlight=False)
     stdout.print(f"train on it: ferbench train RECIPE --set data.cache={folder}", highlight=False)
     stdout.print(f"evaluate on it: ferbench eval --dataset {dataset} --cache {folder} --checkpoint C", highlight=False)
 

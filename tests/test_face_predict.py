@@ -140,6 +140,7 @@ def test_prepare_with_a_detector_counts_every_outcome(tiny_checkpoint, mtcnn_whe
     assert record["outcomes"] == {"one face": 2, "dropped: no face": 2, "several faces: kept the largest": 2}
     assert record["detector"] == "mtcnn" and len(record["weights_sha256"]) == 64 and record["template"] == "arcface112"
     assert card["counts"] == {"train": 2, "test": 2} and card["dropped"]["no face"] == 2
+    assert record["dropped_by_split"] == {"train": {"no face": 1}, "test": {"no face": 1}}
     rows = pd.read_parquet(cache / "rows.parquet")
     assert (rows["face_score"] > 0.9).all() and set(rows["faces_found"]) == {1, 2}
     # the largest face of the pair is the full-size one, on the left
@@ -151,6 +152,8 @@ def test_prepare_with_a_detector_counts_every_outcome(tiny_checkpoint, mtcnn_whe
     eval_args += ["--bootstrap", "0", "--no-tracking", "--out", str(tmp_path / "ev")]
     _one_line_error(runner.invoke(app, eval_args), "trained on the dataset's own crops", "arcface112")
     assert runner.invoke(app, eval_args + ["--allow-template-mismatch"]).exit_code == 0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "aligned to arcface112 (mtcnn landmarks)" in report and "1 image(s) of this split dropped" in report
 
 
 def test_bad_inputs_are_one_line(tiny_checkpoint, mtcnn_wheel, tmp_path):
@@ -244,6 +247,8 @@ def test_more_bad_inputs_are_one_line(tiny_checkpoint, mtcnn_wheel, tmp_path):
               str(tiny_checkpoint)]
     )  # fmt: skip
     _one_line_error(result, "not both")
+    result = runner.invoke(app, base + ["--images", str(huge), "--tta", "flip", "--cache", str(tmp_path)])
+    _one_line_error(result, "--tta, --cache", "only with --dataset")
     # a video without faces leaves no overlay behind
     blank_video = tmp_path / "blank.mp4"
     writer = cv2.VideoWriter(str(blank_video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))

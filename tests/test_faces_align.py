@@ -34,8 +34,8 @@ def test_templates_are_named_and_scale_with_the_crop():
     arc112, arc224 = get_template("arcface112"), get_template("arcface224")
     # insightface: 224 is the 112 template times 2 (in point coordinates)
     np.testing.assert_allclose(np.asarray(arc224.points), 2 * np.asarray(arc112.points))
-    # in pixel-centre terms, 112 scaled to 224 is (p + 0.5) * 2 - 0.5
-    np.testing.assert_allclose(arc112.at(224), (np.asarray(arc112.points) + 0.5) * 2 - 0.5, atol=1e-4)
+    # one rule for every size (insightface's estimate_norm: size / 112), so arcface112 at 224 is arcface224
+    np.testing.assert_allclose(arc112.at(224), arc224.at(224), atol=1e-5)
     for name in list_templates():
         points = get_template(name).at(get_template(name).size)
         assert points[0, 0] < points[1, 0] and points[3, 0] < points[4, 0]  # image-left first
@@ -114,7 +114,7 @@ def test_batched_warp_equals_single_warps_and_antialias_agrees_with_cv2():
         image = images[index[k]].permute(1, 2, 0).numpy()
         expected = warp_image(np.ascontiguousarray(image), matrices[k].numpy(), 64).astype(int)
         assert np.abs(batch[k].permute(1, 2, 0).numpy().astype(int) - expected).mean() < 0.5
-    assert [antialias_factor(m) for m in matrices.numpy()] == [1, 1, 2, 1]
+    assert [antialias_factor(m) for m in matrices.numpy()] == [2, 1, 3, 1]  # then >= 0.5 crop px per source px
 
 
 def test_antialias_removes_aliasing_of_a_large_face():
@@ -123,7 +123,8 @@ def test_antialias_removes_aliasing_of_a_large_face():
     matrix = _similarity(0.0, 0.21, (0, 0))
     plain = warp_image(stripes, matrix, 64, antialias=False)[8:56, 8:56].astype(float)
     smooth = warp_image(stripes, matrix, 64)[8:56, 8:56].astype(float)
-    assert plain.std() > 60 and smooth.std() < 5 and abs(smooth.mean() - 127.5) < 3
+    # a box filter is not an ideal low-pass: an odd factor leaves a trace of a 1-px grating, 7x weaker
+    assert plain.std() > 60 and smooth.std() < plain.std() / 5 and abs(smooth.mean() - 127.5) < 3
 
 
 def test_landmarks_move_with_the_crop_on_synthfer(tiny_synthfer):

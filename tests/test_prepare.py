@@ -187,6 +187,7 @@ def test_prepare_then_train_and_eval_on_the_aligned_cache(tiny_synthfer, tmp_pat
     _one_line_error(
         runner.invoke(app, eval_args + ["--root", str(tiny_synthfer)]), "aligned to arcface112", "own crops"
     )
+    _one_line_error(runner.invoke(app, eval_args + ["--cache", str(cache), "-o", "bogus=1"]), "bogus")
     # a recipe asking for another template than the cache holds is one line
     overrides = ["--set", f"data.cache={cache}", "--set", "data.align.template=ffhq512"]
     result = runner.invoke(app, ["train", str(recipe), *overrides, "--set", f"output_dir={tmp_path / 'run2'}"])

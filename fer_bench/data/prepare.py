@@ -6,12 +6,14 @@ Two landmark sources:
 
 * ``detector``: a face detector (RetinaFace or MTCNN, :mod:`fer_bench.faces`) runs on the full images in batches.
   An image with no face is dropped and counted; an image with several faces keeps the one the dataset's own face box
-  overlaps most when it ships one (AffectNet), else the largest or the most confident, or is dropped (``select``);
-  nothing is silently mis-cropped: every outcome is counted by reason in ``cache.yaml``.
+  overlaps most (IoU > 0.3) when it ships one (AffectNet), else the largest or the most confident, or is dropped
+  (``select``); nothing is silently mis-cropped: every outcome is counted by reason (and per split) in ``cache.yaml``,
+  and the evaluator's report says how many images of the split it scores were dropped.
 * ``dataset``: the landmarks the dataset ships (RAF-DB's five manual points, AffectNet's 68, SynthFER's 68).
 
 Each cache row keeps the detection score, the face box and the number of faces found; ``face_landmarks`` (the five
-points) and ``landmarks`` (the dataset's 68 points, or a 68-point mean shape fitted to the five) are in cache pixels.
+points) and ``landmarks`` (the dataset's 68 points, or a 68-point mean shape fitted to the five) are in cache pixels;
+``face_box`` stays in the source image's pixels.
 ``cache.yaml`` records the template, the landmark source, the detector and the SHA-256 of its weights.
 """
 
@@ -200,9 +202,14 @@ def aligned_rows(info: DatasetInfo, located: pd.DataFrame, *, template: str, siz
     for outcome, count in located.loc[~keep, "outcome"].value_counts().items():
         dropped[str(outcome).removeprefix("dropped: ")] = int(count)
     outcomes = {str(k): int(v) for k, v in located["outcome"].value_counts().items()}
+    lost = located.loc[~keep, "outcome"].groupby(manifest.loc[~keep, "split"].to_numpy()).value_counts()
+    dropped_by_split: dict[str, dict[str, int]] = {}
+    for (split, outcome), count in lost.items():
+        dropped_by_split.setdefault(str(split), {})[str(outcome).removeprefix("dropped: ")] = int(count)
     fitted_count = sum(1 for o in own if o is None or len(o) != 68)
     extras = dict(info.extras)
     extras["alignment_outcomes"] = outcomes
+    extras["dropped_by_split"] = dropped_by_split
     extras["landmarks68"] = (
         "the dataset's 68 points"
         if fitted_count == 0
@@ -260,13 +267,13 @@ def prepare_aligned(
             "size": size,
             "template_points": get_template(template).at(size).round(4).tolist(),
             "outcomes": aligned.extras["alignment_outcomes"],
+            "dropped_by_split": aligned.extras["dropped_by_split"],
             "landmarks68": aligned.extras["landmarks68"],
         }
         if detector is not None:
             record["weights_source"] = detector.weights_source
         aligned.extras["alignment"] = record
-        outcome_text = ", ".join(f"{k} {v}" for k, v in record["outcomes"].items())
-        message(f"faces: {outcome_text}")
+        message(f"faces: {outcome_text(record['outcomes'])}")
         return aligned
 
     return prepare_cache(
@@ -280,6 +287,11 @@ def prepare_aligned(
         progress=(lambda d, t: progress("warping", d, t)) if progress else None,
         message=message,
     )
+
+
+def outcome_text(outcomes: dict[str, int]) -> str:
+    """ "one face 120, dropped: no face 3" from an alignment record's ``outcomes``."""
+    return ", ".join(f"{k} {v}" for k, v in outcomes.items())
 
 
 def cache_alignment(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -301,6 +313,7 @@ __all__ = [
     "cache_alignment",
     "choose_face",
     "face_framing",
+    "outcome_text",
     "locate_faces",
     "prepare_aligned",
 ]

@@ -427,6 +427,7 @@ def score(
         "split": split,
         "label_space": {"name": _space_name(list(scored), info.label_space), "names": list(scored)},
         "cross_dataset": cross,
+        "faces": _faces_summary(info.extras.get("alignment"), split),
         "dataset_hash": dataset_hash(rows["image_id"].tolist(), y_true),
         **results,
         "config": config or {},
@@ -434,6 +435,20 @@ def score(
         "fer_bench_version": __version__,
         "git_sha": git_sha(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _faces_summary(alignment: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
+    """How the scored faces were prepared, and how many images of ``split`` the alignment dropped (no face...):
+    the scores cover only the faces kept, and the report says so."""
+    if not alignment:
+        return None
+    return {
+        "template": alignment.get("template"),
+        "landmarks": alignment.get("landmarks"),
+        "detector": alignment.get("detector"),
+        "weights_sha256": alignment.get("weights_sha256"),
+        "dropped": dict((alignment.get("dropped_by_split") or {}).get(split, {})),
     }
 
 
@@ -708,6 +723,18 @@ def _ci_text(ci: list | None) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
 
 
+def _faces_lines(faces: dict | None) -> list[str]:
+    if not faces:
+        return []
+    source = f"{faces['detector']} landmarks" if faces.get("landmarks") == "detector" else "the dataset's landmarks"
+    line = f"- faces: aligned to {faces['template']} ({source})"
+    dropped = faces.get("dropped") or {}
+    if dropped:
+        counts = ", ".join(f"{k} {v}" for k, v in dropped.items())
+        line += f"; **{sum(dropped.values())} image(s) of this split dropped** ({counts}): the scores cover the rest"
+    return [line]
+
+
 def _cross_dataset_lines(cross: dict[str, Any] | None) -> list[str]:
     if not cross:
         return []
@@ -741,6 +768,7 @@ def _report_md(results: dict[str, Any]) -> str:
         f"- fer_bench {results['fer_bench_version']} (git {str(results.get('git_sha', '-'))[:10]}), "
         f"{results['created']}",
         *_head_lines(results["config"].get("heads")),
+        *_faces_lines(results.get("faces")),
         *_cross_dataset_lines(results.get("cross_dataset")),
         "",
         f"| metric | value | 95 % CI ({boot.get('n_resamples', 0)} bootstrap resamples, seed {boot.get('seed')}) |",
@@ -903,7 +931,8 @@ def score_submission(
     min_group_size: int = 30,
 ) -> dict[str, Any]:
     """Validate a submission CSV against the protocol's rows and score it like a model's predictions."""
-    from fer_bench.eval.submission import read_submission, sha256_file
+    from fer_bench._io import sha256_file
+    from fer_bench.eval.submission import read_submission
 
     rows = protocol_rows(protocol, info)
     scored = list(info.label_space.names)

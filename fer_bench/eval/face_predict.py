@@ -29,6 +29,7 @@ from fer_bench.data.device_augment import normalize
 from fer_bench.errors import ConfigError, DataError
 from fer_bench.faces import LANDMARK_NAMES, Faces, IoUTracker, umeyama, warp_faces
 from fer_bench.faces.align import scale_points
+from fer_bench.faces.detection import batched
 from fer_bench.runtime import autocast, autocast_dtype
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -160,17 +161,6 @@ def video_frames(path: str | os.PathLike, *, every: int = 1) -> tuple[Iterator[F
     return frames(), info
 
 
-def batched(items: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
-    batch: list[Frame] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def model_framing(
     framing: dict[str, Any] | None, *, align: str | None, allow_mismatch: bool, checkpoint: str | os.PathLike
 ) -> dict[str, Any]:
@@ -180,7 +170,7 @@ def model_framing(
     Raises:
         ConfigError: a mismatched ``align``, or a checkpoint that records no framing and no ``align``.
     """
-    from fer_bench.faces import get_template
+    from fer_bench.faces import get_template, list_templates
 
     if align is not None:
         template = get_template(align)
@@ -195,7 +185,7 @@ def model_framing(
         raise ConfigError(
             f"{checkpoint}: the checkpoint does not record how its training faces were framed (trained before "
             "fer_bench recorded it, or on a dataset without landmarks); give --align TEMPLATE "
-            "(arcface112, arcface224, rafdb_like, ffhq512)"
+            f"({', '.join(list_templates())})"
         )
     return framing
 
@@ -207,8 +197,11 @@ def framing_points(framing: dict[str, Any], size: int) -> np.ndarray:
 
 
 def sharpness(crops: torch.Tensor) -> np.ndarray:
-    """Variance of the Laplacian of each crop's grey image (uint8 [K, 3, S, S]): low on blurred faces."""
-    grey = crops.float().mean(dim=1, keepdim=True)  # [K, 1, S, S]
+    """Variance of the Laplacian of the middle of each crop's grey image (uint8 [K, 3, S, S]): low on blurred faces.
+    Only the central half is used: a face cut by the image border has black padding whose edge is sharp."""
+    side = crops.shape[-1]
+    middle = crops[..., side // 4 : side - side // 4, side // 4 : side - side // 4]
+    grey = middle.float().mean(dim=1, keepdim=True)  # [K, 1, S/2, S/2]
     kernel = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=grey.dtype, device=grey.device).view(1, 1, 3, 3)
     lap = torch.nn.functional.conv2d(grey, kernel)
     return lap.flatten(1).var(dim=1).cpu().numpy()
@@ -320,7 +313,7 @@ def predict_media(
     progress: Callable[[int, int], None] | None = None,
 ) -> MediaResult:
     """Run ``predictor`` over ``frames`` in batches; write overlays (one JPEG per photo into ``overlay``, or one
-    annotated MP4 of ``video``). ``progress(frames_done, faces_so_far)`` after each batch.
+    annotated MP4 of ``video``). ``progress(frames_in_batch, faces_so_far)`` after each batch.
 
     Raises:
         DataError: not a single face in any frame (names the first sources), or an unreadable input.
@@ -331,10 +324,7 @@ def predict_media(
     used: set[str] = set()
     writer = None
     if overlay is not None and video is not None and video_facts is not None:
-        writer = VideoOverlay(
-            overlay / f"{video.stem}{OVERLAY_SUFFIX}.mp4", fps=video_facts.fps or 25.0, width=video_facts.width,
-            height=video_facts.height,
-        )  # fmt: skip
+        writer = VideoOverlay(overlay / f"{video.stem}{OVERLAY_SUFFIX}.mp4", fps=video_facts.fps)
     try:
         for batch in batched(frames, batch_size):
             found, _, _ = predictor(batch)
@@ -374,12 +364,19 @@ def predict_media(
     return MediaResult(records=records, no_face=no_face, frames_seen=frames_seen)
 
 
+def check_table_path(out: Path) -> None:
+    """ConfigError unless ``out`` can name the predictions table (checked before any work is done)."""
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ConfigError(f"--out {out}: expected a .csv or .parquet file name")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name such as {out / 'faces.csv'}")
+
+
 def write_table(records: list[dict[str, Any]], out: str | os.PathLike, *, extra: dict[str, str]) -> pd.DataFrame:
     """Write the predictions table to ``out`` (``.csv`` or ``.parquet``, atomically) with the ``extra`` columns
     (model, framing, detector...) repeated on every row; returns it."""
     out = Path(out)
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise ConfigError(f"--out {out}: expected a .csv or .parquet file name")
+    check_table_path(out)
     table = pd.DataFrame.from_records(records)
     for key, value in extra.items():
         table[key] = value
@@ -464,32 +461,39 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 
 class VideoOverlay:
-    """An annotated copy of a video (mp4v in .mp4), written to a hidden file and renamed when closed."""
+    """An annotated copy of a video (mp4v in .mp4), written to a hidden file and renamed when closed. The writer
+    opens on the first frame, at that frame's size (a container's reported size can be wrong or odd)."""
 
-    def __init__(self, path: Path, *, fps: float, width: int, height: int) -> None:
+    def __init__(self, path: Path, *, fps: float) -> None:
         _check_parent(path)
         if not is_utf8_name(path):
             raise DataError(f"{shown_path(path)}: the name is not valid UTF-8 (OpenCV cannot write it); choose another")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DataError(f"{path.parent}: cannot be created ({exc.strerror or exc})") from None
         self.path = path
+        self.fps = fps or 25.0
         self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-        self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps or 25.0, (width, height))
-        if not self.writer.isOpened():
-            raise DataError(f"{path}: OpenCV cannot write this video (codec mp4v)")
+        self.writer: cv2.VideoWriter | None = None
 
     def write(self, image: np.ndarray) -> None:
+        if self.writer is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DataError(f"{self.path.parent}: cannot be created ({exc.strerror or exc})") from None
+            height, width = image.shape[:2]
+            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
+            if not self.writer.isOpened():
+                raise DataError(f"{self.path}: OpenCV cannot write this video (codec mp4v)")
         self.writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
     def close(self) -> None:
-        self.writer.release()
-        os.replace(self.tmp, self.path)
+        if self.writer is not None:
+            self.writer.release()
+            os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
         """Stop writing and remove the partial file (the run failed: no half video under the final name)."""
-        self.writer.release()
+        if self.writer is not None:
+            self.writer.release()
         self.tmp.unlink(missing_ok=True)
 
 

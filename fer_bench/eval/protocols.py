@@ -8,7 +8,9 @@ so a result always says exactly what it measured.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fer_bench.data import DatasetInfo, get_dataset, list_datasets
@@ -98,3 +100,44 @@ def protocol_rows(protocol: Protocol, info: DatasetInfo):
             )
         rows = rows[rows[protocol.subset].astype(bool)].reset_index(drop=True)
     return rows
+
+
+def protocol_data(
+    protocol: Protocol,
+    *,
+    root: str | os.PathLike | None,
+    cache: str | os.PathLike | None,
+    options: dict[str, Any] | None = None,
+) -> DatasetInfo:
+    """The protocol's dataset, read from ``root`` or from a prepared ``cache`` of it (exactly one of the two).
+
+    A cache must hold the protocol's dataset, built with options that agree with the protocol's and the user's.
+
+    Raises:
+        ConfigError: both or neither given; a cache of another dataset or built with contradicting options.
+    """
+    from fer_bench.data import check_dataset_options
+    from fer_bench.data.cache import open_cache, read_cache_card
+
+    options = dict(options or {})
+    if (cache is None) == (root is None):
+        raise ConfigError("give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it), not both")
+    if cache is None:
+        return load_protocol_data(protocol, root, options)
+    check_dataset_options(protocol.dataset, options)
+    for key, value in protocol.options.items():
+        if key in options and options[key] != value:
+            raise ConfigError(f"--option {key}={options[key]!r}: protocol {protocol.name!r} fixes {key}={value!r}")
+    info = open_cache(cache)
+    if info.name != protocol.dataset:
+        raise ConfigError(
+            f"--cache {cache}: holds dataset {info.name!r}, protocol {protocol.name!r} scores {protocol.dataset!r}"
+        )
+    built_with = read_cache_card(Path(cache))["parameters"].get("options", {})
+    for key, value in {**options, **protocol.options}.items():
+        if key in built_with and built_with[key] != value:
+            raise ConfigError(
+                f"--cache {cache}: built with {key}={built_with[key]!r}, protocol {protocol.name!r} needs "
+                f"{key}={value!r}"
+            )
+    return info

@@ -8,7 +8,6 @@ compared with the protocol's ids, never used as paths.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import os
@@ -41,10 +40,6 @@ class SubmissionError(DataError):
 
 def probability_columns(label_names: tuple[str, ...] | list[str]) -> list[str]:
     return [f"p_{name}" for name in label_names]
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _listed(items: list[str]) -> str:

@@ -35,8 +35,9 @@ class Template:
     source: str
 
     def at(self, size: int) -> np.ndarray:
-        """The points scaled to a ``size`` x ``size`` crop, float32 [5, 2]."""
-        return scale_points(self.points, from_size=self.size, to_size=size)
+        """The points for a ``size`` x ``size`` crop, float32 [5, 2]: scaled by size / native size, as InsightFace's
+        ``estimate_norm`` scales arcface_dst (so arcface112 at 224 is arcface224)."""
+        return (np.asarray(self.points, np.float64) * (size / self.size)).astype(np.float32)
 
 
 def scale_points(points, *, from_size: float, to_size: float) -> np.ndarray:
@@ -121,7 +122,7 @@ def umeyama(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         [[[2.0, 0.0, 3.0], [0.0, 2.0, 4.0]]]
     """
     src = torch.as_tensor(source, dtype=torch.float64)
-    dst = torch.as_tensor(target, dtype=torch.float64)
+    dst = torch.as_tensor(target, dtype=torch.float64).to(src.device)
     src, dst = torch.broadcast_tensors(*(x if x.dim() == 3 else x.unsqueeze(0) for x in (src, dst)))
     mean_src, mean_dst = src.mean(dim=1, keepdim=True), dst.mean(dim=1, keepdim=True)
     p, q = src - mean_src, dst - mean_dst  # [B, N, 2]
@@ -143,7 +144,7 @@ def umeyama(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def alignment_matrices(landmarks: np.ndarray | torch.Tensor, *, template: str, size: int) -> torch.Tensor:
     """[K, 2, 3] similarity matrices taking faces with five ``landmarks`` [K, 5, 2] (image pixels) onto ``template``
     scaled to a ``size`` x ``size`` crop."""
-    points = torch.as_tensor(np.asarray(landmarks, np.float32)).reshape(-1, 5, 2)
+    points = torch.as_tensor(landmarks).detach().float().cpu().reshape(-1, 5, 2)
     reference = torch.from_numpy(get_template(template).at(size))
     return umeyama(points, reference)
 
@@ -162,7 +163,8 @@ def antialias_factor(matrix: np.ndarray | torch.Tensor) -> int:
     face (a 400-px face into a 112-px crop) aliases, which a classifier trained on smooth crops notices."""
     m = np.asarray(matrix, np.float64).reshape(2, 3)
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per source pixel
-    return max(1, int(np.floor(1.0 / (2.0 * scale)))) if scale > 0 else 1
+    # after shrinking by k the warp samples scale * k >= 0.5 crop pixels per source pixel
+    return max(1, int(np.ceil(1.0 / (2.0 * scale) - 1e-9))) if scale > 0 else 1
 
 
 def _shrunk(matrix: np.ndarray, k: float, ky: float) -> np.ndarray:
@@ -210,32 +212,28 @@ def warp_faces(
     """
     device = images.device
     m_all = np.asarray(torch.as_tensor(matrices).detach().cpu(), np.float64).reshape(-1, 2, 3)
-    index_all = torch.as_tensor(image_index).to(device)
+    owner = np.asarray(torch.as_tensor(image_index).cpu(), np.int64).reshape(-1)
     factors = np.array([antialias_factor(m) if antialias else 1 for m in m_all], np.int64)
-    out = None
-    for k in np.unique(factors):
-        where = np.nonzero(factors == k)[0]
-        picked = images.index_select(0, index_all[torch.from_numpy(where).to(device)])
-        work = picked.float() if picked.dtype == torch.uint8 else picked
+    out = torch.zeros((len(m_all), images.shape[1], size, size), dtype=torch.float32, device=device)
+    # one pass per (image, shrink factor): the frame is converted (and shrunk) once, whatever its number of faces
+    for i, k in sorted({(int(i), int(k)) for i, k in zip(owner, factors, strict=True)}):
+        where = np.nonzero((owner == i) & (factors == k))[0]
+        work = images[i : i + 1].float()  # sample in fp32 whatever the images' dtype: coordinates need the bits
         m = m_all[where]
         if k > 1:
             height, width = work.shape[-2:]
-            small = (max(1, height // int(k)), max(1, width // int(k)))
+            small = (max(1, height // k), max(1, width // k))
             work = F.interpolate(work, size=small, mode="area")
             m = np.stack([_shrunk(x, width / small[1], height / small[0]) for x in m])
-        crops = _grid_warp(work, torch.from_numpy(m).to(device), size)
-        if out is None:
-            out = crops.new_zeros((len(m_all), *crops.shape[1:]))
-        out[torch.from_numpy(where).to(device)] = crops
-    if out is None:
-        out = images.new_zeros((0, images.shape[1], size, size)).float()
+        out[torch.from_numpy(where).to(device)] = _grid_warp(work, torch.from_numpy(m).to(device), size)
     if images.dtype == torch.uint8:
         return out.round_().clamp_(0, 255).to(torch.uint8)
-    return out
+    return out.to(images.dtype) if images.is_floating_point() else out
 
 
 def _grid_warp(work: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear samples of ``work`` [K, C, H, W] (float) at M^-1 of each crop pixel: [K, C, size, size]."""
+    """Bilinear samples of one image ``work`` [1, C, H, W] (fp32) at M^-1 of each crop pixel, for K matrices:
+    [K, C, size, size] (one grid of K x size rows, so the image is not copied per face)."""
     device = work.device
     height, width = work.shape[-2:]
     m = matrices.to(device=device, dtype=torch.float64)
@@ -245,8 +243,9 @@ def _grid_warp(work: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.T
     out_points = torch.stack([xs, ys], dim=-1).reshape(1, -1, 2)  # [1, S*S, 2]
     source = (out_points - m[:, None, :, 2]) @ inverse.transpose(1, 2)  # [K, S*S, 2] source pixels
     scale = torch.tensor([width, height], device=device, dtype=torch.float64)
-    grid = ((2 * source + 1) / scale - 1).reshape(-1, size, size, 2)
-    return F.grid_sample(work, grid.to(work.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = ((2 * source + 1) / scale - 1).reshape(1, -1, size, 2).float()  # [1, K*S, S, 2]
+    crops = F.grid_sample(work, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [1, C, K*S, S]
+    return crops.reshape(work.shape[1], len(m), size, size).transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,14 +6,16 @@ landmarks in that image's pixels, in the order the alignment templates use (``LA
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from fer_bench.registry import Registry
+
+T = TypeVar("T")
 
 # Image-left first: "left eye" is the eye on the left of the picture (the subject's right eye).
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
@@ -65,6 +67,17 @@ class FaceDetector:
     def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
         raise NotImplementedError
 
+    def check_images(self, images: Sequence[np.ndarray], *, allow_empty: bool = True) -> None:
+        """ValueError naming the first input that is not an RGB uint8 [H, W, 3] array (or is empty, when not
+        ``allow_empty``)."""
+        for index, image in enumerate(images):
+            is_rgb = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
+            if not (is_rgb and image.dtype == np.uint8):
+                found = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+                raise ValueError(f"{self.name}: image {index} must be RGB uint8 [H, W, 3], got {found}")
+            if not allow_empty and (image.shape[0] == 0 or image.shape[1] == 0):
+                raise ValueError(f"{self.name}: image {index} is empty ({image.shape})")
+
     def to(self, device: str | torch.device) -> FaceDetector:
         raise NotImplementedError
 
@@ -73,10 +86,17 @@ class FaceDetector:
         return {"detector": self.name, "weights_sha256": self.weights_sha256, "weights_source": self.weights_source}
 
 
-def chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    """``items`` in consecutive slices of at most ``size`` (a detector's batches)."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` (any iterable, read lazily) in consecutive lists of at most ``size``: a detector's batches, or a
+    video's frames."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 DETECTORS: Registry = Registry("face detector")

@@ -44,7 +44,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from fer_bench.errors import ConfigError, WeightsUnavailableError
-from fer_bench.faces.detection import DETECTORS, FaceDetector, Faces, chunks
+from fer_bench.faces.detection import DETECTORS, FaceDetector, Faces, batched
 from fer_bench.faces.weights import load_state_dict_bytes, load_strict, read_zip_member, sha256_file, weights_dir
 
 PACKAGE_VERSION = "2.6.0"  # facenet-pytorch release whose wheel carries the weights (MIT, ~1.9 MB)
@@ -447,16 +447,12 @@ class MTCNNDetector(FaceDetector):
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
         """One :class:`Faces` per RGB uint8 [H, W, 3] image, boxes clipped to that image, most confident first."""
-        for index, image in enumerate(images):
-            is_rgb = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-            if not (is_rgb and image.dtype == np.uint8):
-                found = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise ValueError(f"mtcnn: image {index} must be RGB uint8 [H, W, 3], got {found}")
+        self.check_images(images)
         # Same-size images next to each other, so that each batch holds as few sizes (PNet stacks) as possible.
         order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
         results: list[Faces] = [Faces()] * len(images)
         with torch.inference_mode():
-            for chunk in chunks(order, self.batch_size):
+            for chunk in batched(order, self.batch_size):
                 for i, faces in zip(chunk, self._detect_batch([images[i] for i in chunk]), strict=True):
                     results[i] = faces
         return results
@@ -520,7 +516,8 @@ class MTCNNDetector(FaceDetector):
             mine = mine[np.argsort(-boxes_np[mine, 4], kind="stable")]
             height, width = image.shape[:2]
             clipped = boxes_np[mine, :4].clip(0, [width, height, width, height])
-            out.append(Faces(clipped, boxes_np[mine, 4], landmarks_np[mine]))
+            inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])  # not wholly off the image
+            out.append(Faces(clipped[inside], boxes_np[mine, 4][inside], landmarks_np[mine][inside]))
         return out
 
     def _propose(self, stack: torch.Tensor, members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

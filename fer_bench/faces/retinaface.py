@@ -49,7 +49,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import batched_nms
 
 from fer_bench.errors import ConfigError, WeightsUnavailableError
-from fer_bench.faces.detection import DETECTORS, FaceDetector, Faces, chunks
+from fer_bench.faces.detection import DETECTORS, FaceDetector, Faces, batched
 from fer_bench.faces.weights import load_state_dict_bytes, load_strict, sha256_file, weights_dir
 
 RELEASE_FILE = "retinaface_resnet50_2020-07-20-f168fae3c.zip"
@@ -446,13 +446,7 @@ class RetinaFaceDetector(FaceDetector):
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
         """One :class:`Faces` per RGB uint8 [H, W, 3] image, boxes clipped to that image, most confident first."""
-        for index, image in enumerate(images):
-            is_rgb = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-            if not (is_rgb and image.dtype == np.uint8):
-                found = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise ValueError(f"retinaface: image {index} must be RGB uint8 [H, W, 3], got {found}")
-            if image.shape[0] == 0 or image.shape[1] == 0:
-                raise ValueError(f"retinaface: image {index} is empty ({image.shape})")
+        self.check_images(images, allow_empty=False)
         resized = [self.resize(image) for image in images]
         # Group by padded size: an image's padding then never depends on its batch neighbours.
         buckets: dict[tuple[int, int], list[int]] = {}
@@ -460,7 +454,7 @@ class RetinaFaceDetector(FaceDetector):
             buckets.setdefault(_padded_size(*image.shape[:2]), []).append(index)
         results: list[Faces | None] = [None] * len(images)
         for bucket, indices in buckets.items():
-            for chunk in chunks(indices, self.batch_size):
+            for chunk in batched(indices, self.batch_size):
                 found = self._detect_batch([resized[i] for i in chunk], [images[i].shape[:2] for i in chunk], bucket)
                 for i, faces in zip(chunk, found, strict=True):
                     results[i] = faces

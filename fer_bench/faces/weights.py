@@ -1,8 +1,7 @@
-"""Finding detector weights offline, loading them safely, and naming them by their SHA-256."""
+"""Finding detector weights offline, loading them safely, and naming them by their SHA-256 (``sha256_file``)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import zipfile
@@ -11,7 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fer_bench._io import sha256_file
 from fer_bench.errors import WeightsUnavailableError
+
+__all__ = ["load_state_dict_bytes", "load_strict", "read_zip_member", "sha256_file", "weights_dir"]
 
 
 def weights_dir() -> Path:
@@ -19,15 +21,6 @@ def weights_dir() -> Path:
     if os.environ.get("FER_BENCH_WEIGHTS_DIR"):
         return Path(os.environ["FER_BENCH_WEIGHTS_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fer_bench" / "weights"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor]:
