@@ -433,10 +433,10 @@ DetectorWeights = Annotated[
 ]
 
 
-def _detector(name: str, weights: Path | None, device):
+def _detector(name: str, weights: Path | None, device, *, lazy: bool = False):
     from fer_bench.faces import create_detector
 
-    return create_detector(name, weights=None if weights is None else str(weights), device=device)
+    return create_detector(name, weights=None if weights is None else str(weights), device=device, lazy=lazy)
 
 
 @app.command("predict")
@@ -1079,7 +1079,9 @@ def data_prepare(
         check_cache_folder(out)
     face_detector = None
     if landmarks == "detector":
-        face_detector = _detector(detector, detector_weights, resolve_device("auto"))
+        face_detector = _detector(
+            detector, detector_weights, resolve_device("auto"), lazy=True
+        )  # a fresh cache: unused
     info, options = _load_dataset(dataset, root, option)
     with _progress() as progress:
         tasks: dict[str, int] = {}

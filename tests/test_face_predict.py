@@ -286,3 +286,18 @@ def test_usage_errors_are_one_line_from_the_real_command(tmp_path):
         assert out.returncode == 2, out
         assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and fragment in out.stderr, out.stderr
+
+
+def test_a_lazy_detector_is_known_by_its_weights_and_built_on_first_use(mtcnn_wheel):
+    """An aligned cache that is already current never builds the detector (nor would a DDP rank reusing rank 0's)."""
+    from fer_bench.faces import create_detector
+    from fer_bench.faces.weights import sha256_file
+
+    lazy = create_detector("mtcnn", weights=str(mtcnn_wheel), lazy=True)
+    assert lazy.weights_sha256 == sha256_file(mtcnn_wheel) and lazy._built is None
+    eager = create_detector("mtcnn", weights=str(mtcnn_wheel))
+    photo = cv2.cvtColor(cv2.imread(str(grace_hopper())), cv2.COLOR_BGR2RGB)
+    found, expected = lazy.detect([photo])[0], eager.detect([photo])[0]
+    assert lazy._built is not None and len(found) == 1
+    np.testing.assert_array_equal(found.boxes, expected.boxes)
+    assert lazy.describe() == eager.describe()

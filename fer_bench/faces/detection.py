@@ -100,9 +100,39 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 DETECTORS: Registry = Registry("face detector")
+# name -> identify(weights) -> (sha256, source): which weights a detector would load, without building it
+WEIGHT_IDENTITIES: Registry = Registry("face detector")
 
 
-def create_detector(name: str, *, weights: str | None = None, device: str | torch.device = "cpu", **options: Any):
+class LazyDetector(FaceDetector):
+    """A detector known by its weights' SHA-256 and source at once, built (network, weights, device memory) on its
+    first ``detect``: a prepared cache that is already current, or a DDP rank that reuses rank 0's, never builds it."""
+
+    def __init__(self, name: str, *, weights: str | None, device: str | torch.device, **options: Any) -> None:
+        self.name = name
+        self.weights_sha256, self.weights_source = WEIGHT_IDENTITIES.get(name)(weights)
+        self.device = torch.device(device)
+        self._options = options
+        self._built: FaceDetector | None = None
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
+        if self._built is None:
+            self._built = DETECTORS.get(self.name)(weights=self.weights_source, device=self.device, **self._options)
+        return self._built.detect(images)
+
+    def describe(self) -> dict[str, Any]:
+        return self._built.describe() if self._built is not None else super().describe()
+
+    def to(self, device: str | torch.device) -> LazyDetector:
+        self.device = torch.device(device)
+        if self._built is not None:
+            self._built.to(device)
+        return self
+
+
+def create_detector(
+    name: str, *, weights: str | None = None, device: str | torch.device = "cpu", lazy: bool = False, **options: Any
+):
     """The detector ``name`` ("retinaface" or "mtcnn") with its released weights, on ``device``.
 
     Args:
@@ -110,6 +140,7 @@ def create_detector(name: str, *, weights: str | None = None, device: str | torc
         weights: A local weights file (or folder / wheel, see each detector); None looks in the usual places and
             says where to get them when they are not there.
         device: Where the network runs.
+        lazy: Find and hash the weights now, build the network on the first ``detect`` (:class:`LazyDetector`).
         options: Detector settings (thresholds, ``max_size``...), passed on.
 
     Raises:
@@ -119,6 +150,8 @@ def create_detector(name: str, *, weights: str | None = None, device: str | torc
     from fer_bench.faces import mtcnn, retinaface  # noqa: F401  (registration)
 
     factory = DETECTORS.get(name)
+    if lazy:
+        return LazyDetector(name, weights=weights, device=device, **options)
     return factory(weights=weights, device=device, **options)
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from fer_bench.errors import ConfigError, WeightsUnavailableError
-from fer_bench.faces.detection import DETECTORS, FaceDetector, Faces, batched
+from fer_bench.faces.detection import DETECTORS, WEIGHT_IDENTITIES, FaceDetector, Faces, batched
 from fer_bench.faces.weights import load_state_dict_bytes, load_strict, read_zip_member, sha256_file, weights_dir
 
 PACKAGE_VERSION = "2.6.0"  # facenet-pytorch release whose wheel carries the weights (MIT, ~1.9 MB)
@@ -606,4 +606,11 @@ def create_mtcnn(
     )
 
 
+def identify_weights(weights: str | os.PathLike | None) -> tuple[str, str]:
+    """(SHA-256, source) of the weights ``create_mtcnn`` would load."""
+    found = read_weights(resolve_weights(weights))
+    return found.sha256, found.source
+
+
 DETECTORS.register("mtcnn", create_mtcnn)
+WEIGHT_IDENTITIES.register("mtcnn", identify_weights)

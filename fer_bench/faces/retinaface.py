@@ -49,7 +49,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import batched_nms
 
 from fer_bench.errors import ConfigError, WeightsUnavailableError
-from fer_bench.faces.detection import DETECTORS, FaceDetector, Faces, batched
+from fer_bench.faces.detection import DETECTORS, WEIGHT_IDENTITIES, FaceDetector, Faces, batched
 from fer_bench.faces.weights import load_state_dict_bytes, load_strict, sha256_file, weights_dir
 
 RELEASE_FILE = "retinaface_resnet50_2020-07-20-f168fae3c.zip"
@@ -592,4 +592,11 @@ def create_retinaface(
     )
 
 
+def identify_weights(weights: str | os.PathLike | None) -> tuple[str, str]:
+    """(SHA-256, path) of the weights ``create_retinaface`` would load (downloading them if it would)."""
+    path = resolve_weights(weights)
+    return sha256_file(path), str(Path(path).resolve())
+
+
 DETECTORS.register("retinaface", create_retinaface)
+WEIGHT_IDENTITIES.register("retinaface", identify_weights)

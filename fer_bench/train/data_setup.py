@@ -125,7 +125,7 @@ def dataset_for_run(
                 size=cache_size or img_size,
                 landmarks=align["landmarks"],
                 detector=(
-                    create_detector(align["detector"], weights=align.get("detector_weights"), device=device)
+                    create_detector(align["detector"], weights=align.get("detector_weights"), device=device, lazy=True)
                     if align["landmarks"] == "detector"
                     else None
                 ),
