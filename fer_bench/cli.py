@@ -1154,22 +1154,25 @@ def data_list() -> None:
 
 def main() -> None:
     """The ``ferbench`` entry point: usage errors (a bad option value, a missing option) are one line too."""
-    try:  # recent typer vendors its own click
+    try:  # recent typer vendors its own click (Abort then lives in typer.exceptions)
         from typer._click import exceptions as click_exceptions
     except ImportError:
         from click import exceptions as click_exceptions
+    usage_error = click_exceptions.UsageError
+    no_args = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+    abort = getattr(click_exceptions, "Abort", None) or getattr(typer, "Abort", None) or KeyboardInterrupt
 
     try:
         code = app(standalone_mode=False)
-    except click_exceptions.NoArgsIsHelpError as exc:  # ``ferbench data``: the help, as typer would print it
+    except no_args as exc:  # ``ferbench data``: the help, as typer would print it
         console.print(exc.ctx.get_help() if exc.ctx else str(exc), highlight=False)
         raise SystemExit(2) from None
-    except click_exceptions.UsageError as exc:
+    except usage_error as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
         console.print(f"[bold red]error:[/] {where}{exc.format_message()}{hint}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
-    except click_exceptions.Abort:
+    except abort:
         console.print("aborted", highlight=False)
         raise SystemExit(130) from None
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -38,6 +38,8 @@ def decode_image(path: Path) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
     if data is None:
         raise DataError(f"{path}: image file is missing")
+    if data.size == 0:  # cv2.imdecode asserts on an empty buffer instead of returning None
+        raise DataError(f"{path}: empty file (0 bytes), not an image")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise DataError(f"{path}: cannot decode image (corrupt or not an image)")

@@ -14,6 +14,8 @@ import math
 from timm.layers import PatchEmbed
 from torch import nn
 
+from fer_bench.errors import ConfigError
+
 
 class ConvStemPatchEmbed(PatchEmbed):
     """timm PatchEmbed whose projection is log2(patch) stride-2 3x3 conv-BN-ReLU stages plus a 1x1 conv.
@@ -27,6 +29,14 @@ class ConvStemPatchEmbed(PatchEmbed):
         stages = int(round(math.log2(patch)))
         if 2**stages != patch or self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"conv stem needs a square power-of-two patch size, got {self.patch_size}")
+        size = self.img_size[0] if self.img_size else None
+        if size is not None and size % patch:
+            # stride-2 convolutions round odd sizes up, so the token grid would not be img_size / patch
+            lower, upper = size - size % patch, size - size % patch + patch
+            raise ConfigError(
+                f"img_size={size} (data.img_size in a recipe): the conv stem downsamples by {patch}, so the side must "
+                f"be a multiple of {patch}, e.g. {lower or upper} or {upper}"
+            )
         in_chans = self.proj.in_channels
         embed_dim = self.proj.out_channels
         width = max(32, embed_dim // 2**stages)

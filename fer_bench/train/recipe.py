@@ -274,8 +274,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the recipe as UTF-8"
+        ) from None
+    if not text.strip() or all(not s.strip() or s.lstrip().startswith("#") for s in text.splitlines()):
+        raise ConfigError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for one to start from")
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -1,0 +1,56 @@
+"""Bad input found by probing the CLI (issue 12, "Reliability findings"): each is one line and exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fer_bench.cli import app
+from tests.conftest import tiny_recipe_dict
+from tests.test_cli import _one_line_error
+
+runner = CliRunner()
+
+
+def test_a_zero_byte_image_is_named_by_verify(tiny_synthfer, tmp_path):
+    import shutil
+
+    root = tmp_path / "sf"
+    shutil.copytree(tiny_synthfer, root)
+    victim = sorted((root / "images").rglob("*.png"))[0]
+    victim.write_bytes(b"")
+    result = runner.invoke(app, ["data", "verify", "--dataset", "synthfer", "--root", str(root)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{victim.name}: empty file (0 bytes)" in result.output and "1 of" in result.output
+
+
+def test_recipes_that_are_not_utf8_or_empty(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: t\n\xff\xfe: 1\n")
+    _one_line_error(runner.invoke(app, ["train", str(binary)]), "binary.yaml:2", "not UTF-8")
+    for text in ("", "\n\n", "# only a comment\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        _one_line_error(runner.invoke(app, ["train", str(empty)]), "empty.yaml", "the recipe is empty")
+
+
+def test_an_image_size_the_conv_stem_cannot_tile(tiny_synthfer, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    data = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"data.img_size": 36})
+    data["model"]["stem"] = "conv"
+    recipe.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["train", str(recipe), "--set", "tracking.enabled=false"])
+    _one_line_error(result, "img_size=36", "multiple of 8", "32 or 40")
+
+
+def test_main_lets_a_bug_keep_its_traceback(monkeypatch):
+    """Only user errors become one line: anything else propagates unchanged (not turned into another error)."""
+    import fer_bench.cli as cli
+
+    def broken(**_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main()
