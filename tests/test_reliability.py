@@ -54,3 +54,25 @@ def test_main_lets_a_bug_keep_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "app", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main()
+
+
+def test_checkpoints_that_do_not_fit_their_model_config(tiny_synthfer, tmp_path):
+    import torch
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
+    assert runner.invoke(app, ["train", str(recipe), "--set", "tracking.enabled=false"]).exit_code == 0
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    base = ["eval", "--dataset", "synthfer", "--root", str(tiny_synthfer), "--no-tracking", "--bootstrap", "0"]
+    cases = {
+        "classes.pt": (("model_config", "num_classes", 5), "do not fit its model_config", "size mismatch"),
+        "size.pt": (("model_config", "img_size", "abc"), "model_config is malformed", "'abc'"),
+        "backbone.pt": (("model_config", "backbone", "no_such_net"), "does not build a model", "no_such_net"),
+    }
+    for name, ((section, key, value), *fragments) in cases.items():
+        broken = {**state, section: {**state[section], key: value}}
+        torch.save(broken, tmp_path / name)
+        _one_line_error(runner.invoke(app, [*base, "--checkpoint", str(tmp_path / name)]), *fragments)
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
+    result = runner.invoke(app, [*base, "--checkpoint", str(tmp_path / "noise.pt")])
+    _one_line_error(result, "noise.pt", "not a torch.save file")

@@ -49,6 +49,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         after = text.split("WeightsUnpickler error:", 1)[-1]  # what the unpickler found, without torch's advice
         lines = [line.strip() for line in after.splitlines() if line.strip() and "torch.load" not in line]
         reason = _first_sentence(lines[0]) if lines else "not a pickle"
+        if any(s in reason for s in ("Unsupported operand", "invalid load key", "not a pickle")):
+            reason = "not a torch.save file: random bytes, or another format"
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = _first_sentence(str(exc)) or type(exc).__name__
@@ -69,21 +71,38 @@ def _first_sentence(text: str, limit: int = 200) -> str:
 
 def model_from_checkpoint(state: dict[str, Any]):
     """Rebuild the FerModel stored in a checkpoint (its ``model_config`` and weights); returns (model, state)."""
+    from fer_bench.errors import FerBenchError
     from fer_bench.models.fer_model import create_model
 
     config = state.get("model_config")
     if not isinstance(config, dict):
         raise CheckpointError("checkpoint has no 'model_config'; it was not written by ferbench train")
-    model = create_model(
-        config["backbone"],
-        num_classes=int(config["num_classes"]),
-        img_size=int(config["img_size"]),
-        pretrained=False,
-        stem=config.get("stem", "patch"),
-        heads=config.get("heads") or {},
-        **config.get("backbone_kwargs", {}),
-    )
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    try:
+        model = create_model(
+            config["backbone"],
+            num_classes=int(config["num_classes"]),
+            img_size=int(config["img_size"]),
+            pretrained=False,
+            stem=config.get("stem", "patch"),
+            heads=config.get("heads") or {},
+            **config.get("backbone_kwargs", {}),
+        )
+    except FerBenchError as exc:
+        raise CheckpointError(f"checkpoint model_config does not build a model: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint model_config is malformed ({type(exc).__name__}: {_first_sentence(str(exc))})"
+        ) from None
+    try:
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as exc:  # size mismatches: another class count, width or depth than model_config says
+        detail = next(
+            (line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_sentence(str(exc))
+        )
+        raise CheckpointError(
+            f"checkpoint weights do not fit its model_config ({config.get('backbone')}, {config.get('num_classes')} "
+            f"classes): {detail[:200]}"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
