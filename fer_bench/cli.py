@@ -699,7 +699,7 @@ def leaderboard_submit(
     info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
     results = score_submission(submission, info, protocol, n_bootstrap=bootstrap)
     write_report(results, submission.parent / f"eval-{protocol.name}")
-    entry = entry_from_results(results, metadata, results["submission_sha256"])
+    entry = entry_from_results(results, metadata, results["predictions_sha256"])
     path = leaderboard_path(protocol.name, leaderboards)
     rows = add_entry(path, entry)
     rank = next(r["rank"] for r in rows if r["submission_sha256"] == entry["submission_sha256"])

@@ -236,3 +236,43 @@ def test_shipped_leaderboards_are_valid():
             assert row["source"] in ("reported", "verified") and 0 < float(row["acc"]) < 1
             assert row["source"] != "reported" or row["reference"]
     assert len(read_leaderboard(LEADERBOARDS_DIR / "rafdb.csv")) >= 5
+
+
+def test_a_submission_is_the_same_whatever_its_bytes(tmp_path):
+    """CRLF line endings, reordered rows and columns, blank lines: the same predictions, the same content hash (the
+    board's duplicate check); line numbers in errors are the file's own, blank lines counted."""
+    rows = _valid_rows(3)
+    plain = tmp_path / "plain.csv"
+    _write(plain, HEADER, rows)
+    other = tmp_path / "other.csv"
+    order = [0, 3, 1, 2]
+    body = [",".join(HEADER[i] for i in order)] + [",".join(r[i] for i in order) for r in reversed(rows)]
+    other.write_bytes(("\r\n".join(body[:3]) + "\r\n\r\n" + "\r\n".join(body[3:]) + "\r\n").encode())
+    a, b = (read_submission(p, expected_ids=IDS, label_names=NAMES) for p in (plain, other))
+    assert a["content_sha256"] == b["content_sha256"]
+    changed = [r[:] for r in rows]
+    changed[0][1:] = ["0.500000", "0.250000", "0.250000"]
+    _write(tmp_path / "changed.csv", HEADER, changed)
+    assert (
+        read_submission(tmp_path / "changed.csv", expected_ids=IDS, label_names=NAMES)["content_sha256"]
+        != (a["content_sha256"])
+    )
+    broken = tmp_path / "broken.csv"
+    broken.write_text("\n".join([",".join(HEADER), "", "", ",".join(rows[0]), "img_001,x,0.5,0.5"]) + "\n")
+    with pytest.raises(SubmissionError, match="line 5"):  # the 5th line of the file, blank lines counted
+        read_submission(broken, expected_ids=IDS, label_names=NAMES)
+
+
+def test_metadata_cannot_inject_formulas_or_table_rows(tmp_path):
+    from fer_bench.eval.leaderboard import safe_text
+
+    assert safe_text("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0"
+    assert safe_text("@SUM(A1)") == "'@SUM(A1)" and safe_text("+1") == "'+1" and safe_text("vit") == "vit"
+    assert safe_text("two\nlines") == "two lines"
+    board = tmp_path / "rafdb.csv"
+    entry = _entry("aaa", "0.8")
+    entry["model"] = safe_text("evil | 1 | x |\n| 0 | injected")
+    add_entry(board, entry)
+    table = (tmp_path / "rafdb.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| rank")]
+    assert len(rows) == 1 and "evil \\| 1 \\| x \\| \\| 0 \\| injected" in rows[0]

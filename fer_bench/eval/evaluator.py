@@ -953,6 +953,7 @@ def score_submission(
     )
     results["predictions"] = str(path)
     results["submission_sha256"] = sha256_file(Path(path))
+    results["predictions_sha256"] = submission["content_sha256"]  # the board's duplicate check: content, not bytes
     return results
 
 

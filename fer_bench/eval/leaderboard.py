@@ -93,6 +93,18 @@ def _fmt(value: str, scale: float = 100.0) -> str:
     return f"{number * scale:.2f}" if number != -math.inf else ""
 
 
+def _md_cell(value: str) -> str:
+    """A table cell that cannot break the table: ``|`` escaped, line breaks made spaces."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def safe_text(value: Any) -> str:
+    """User text for a CSV cell: one line, and never read as a formula by a spreadsheet (a leading =, +, -, @ or
+    tab gets a quote, as OWASP's CSV-injection advice says)."""
+    text = " ".join(str(value or "").split())
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def markdown_table(protocol: str, rows: list[dict[str, str]]) -> str:
     lines = [
         f"# Leaderboard: {protocol}",
@@ -109,9 +121,10 @@ def markdown_table(protocol: str, rows: list[dict[str, str]]) -> str:
     ]
     for row in ranked(rows):
         ci = f" ({_fmt(row['acc_ci_low'])}–{_fmt(row['acc_ci_high'])})" if row["acc_ci_low"] else ""
-        source = row["source"] + (f": {row['reference']}" if row["reference"] else "")
+        source = _md_cell(row["source"] + (f": {row['reference']}" if row["reference"] else ""))
+        model, backbone, pretrain = (_md_cell(row[k]) for k in ("model", "backbone", "pretrain"))
         lines.append(
-            f"| {row['rank']} | {row['model']} | {row['backbone']} | {row['pretrain']} | {_fmt(row['acc'])}{ci} | "
+            f"| {row['rank']} | {model} | {backbone} | {pretrain} | {_fmt(row['acc'])}{ci} | "
             f"{_fmt(row['mean_class_acc'])} | {_fmt(row['macro_f1'])} | {_fmt(row['ece'], 1)} | "
             f"{_fmt(row['worst_group_acc'])} | {_fmt(row['max_group_gap'], 1)} | {source} |"
         )
@@ -154,10 +167,10 @@ def entry_from_results(results: dict[str, Any], meta: dict[str, Any], submission
     finite = lambda values: [v for v in values if isinstance(v, float | int) and math.isfinite(v)]  # noqa: E731
     return {
         "rank": "",
-        "model": str(meta["model"]),
-        "backbone": str(meta.get("backbone") or ""),
+        "model": safe_text(meta["model"]),
+        "backbone": safe_text(meta.get("backbone")),
         "params_m": num(meta.get("params_m")),
-        "pretrain": str(meta.get("pretrain") or ""),
+        "pretrain": safe_text(meta.get("pretrain")),
         "acc": num(m["acc"]),
         "acc_ci_low": num(ci.get("acc", [None])[0]),
         "acc_ci_high": num(ci.get("acc", [None, None])[1]),
@@ -172,7 +185,7 @@ def entry_from_results(results: dict[str, Any], meta: dict[str, Any], submission
         "fer_bench_version": __version__,
         "date": _dt.date.today().isoformat(),
         "source": "verified",
-        "reference": str(meta.get("paper") or meta.get("code") or ""),
+        "reference": safe_text(meta.get("paper") or meta.get("code")),
     }
 
 

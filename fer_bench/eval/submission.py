@@ -8,6 +8,7 @@ compared with the protocol's ids, never used as paths.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -75,10 +76,12 @@ def read_submission(
     if "\x00" in text:
         raise SubmissionError(f"{path}: contains NUL bytes; expected a CSV text file")
     try:
-        records = list(csv.reader(io.StringIO(text)))
+        reader = csv.reader(io.StringIO(text))
+        numbered = [(reader.line_num, record) for record in reader]  # the file's own line numbers, blanks counted
     except csv.Error as exc:
         raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
-    records = [r for r in records if any(field.strip() for field in r)]
+    numbered = [(line, r) for line, r in numbered if any(field.strip() for field in r)]
+    records = [r for _, r in numbered]
     if not records:
         raise SubmissionError(f"{path}: empty file; expected a header 'image_id,prediction' or 'image_id,p_<class>...'")
     header = [h.strip() for h in records[0]]
@@ -103,7 +106,7 @@ def read_submission(
     y_pred = np.full(len(expected_ids), -1, dtype=np.int64)
     probs = np.zeros((len(expected_ids), len(label_names))) if kind == "probabilities" else None
     order = [header.index(c) for c in p_columns] if kind == "probabilities" else []
-    for line, record in enumerate(records[1:], start=2):
+    for line, record in numbered[1:]:
         if len(record) != len(header):
             problem("rows with the wrong number of fields", f"line {line}")
             continue
@@ -142,7 +145,18 @@ def read_submission(
     if problems:
         details = "; ".join(f"{k}: {_listed(v)}" for k, v in problems.items())
         raise SubmissionError(f"{path}: {details}")
-    return {"kind": kind, "y_pred": y_pred, "probs": probs}
+    return {"kind": kind, "y_pred": y_pred, "probs": probs, "content_sha256": content_hash(kind, y_pred, probs)}
+
+
+def content_hash(kind: str, y_pred: np.ndarray, probs: np.ndarray | None) -> str:
+    """SHA-256 of what a submission predicts, in the protocol's order: the same predictions give the same hash
+    whatever the file's line endings, column order, row order or number formatting (probabilities to 1e-6)."""
+    digest = hashlib.sha256(kind.encode())
+    if probs is not None:
+        digest.update(np.round(np.asarray(probs, np.float64), 6).tobytes())
+    else:
+        digest.update(np.asarray(y_pred, np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def write_submission(
