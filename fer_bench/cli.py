@@ -75,7 +75,6 @@ def _progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
-        disable=not console.is_terminal and False,
     )
 
 
@@ -335,7 +334,9 @@ def eval_(
     min_group_size: Annotated[
         int, typer.Option("--min-group-size", min=1, help="Smaller groups are reported but left out of gaps.")
     ] = 30,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 128,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Images per forward pass (default 128).")
+    ] = None,
     tracking_uri: Annotated[
         str | None, typer.Option("--tracking-uri", help="MLflow store (default: the training run's, or mlflow.db).")
     ] = None,
@@ -358,6 +359,17 @@ def eval_(
         raise ConfigError("give exactly one of --checkpoint PATH or --predictions FILE.csv")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    if predictions is not None:
+        model_only = {
+            "--tta": tta,
+            "--perturb": perturb,
+            "--batch-size": batch_size,
+            "--precision": precision != "fp32",
+        }
+        given = [flag for flag, value in model_only.items() if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --checkpoint (a submission's predictions are fixed)")
+    batch_size = batch_size or 128
     protocol = get_protocol(dataset)
     state = None
     if checkpoint is not None:  # read the (small) checkpoint before the (possibly large) dataset

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from collections.abc import Callable, Iterable
@@ -11,6 +10,7 @@ from typing import Any
 import yaml
 
 from fer_bench.errors import ConfigError
+from fer_bench.registry import did_you_mean
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -48,8 +48,7 @@ def check_keywords(fn: Callable, options: dict[str, Any], *, what: str) -> None:
     accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     for key in options:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=2, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(key, accepted, n=2)
             known = ", ".join(accepted) if accepted else "none"
             raise ConfigError(f"{what}: unknown option {key!r}.{hint} Options: {known}")
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from fer_bench.errors import UnknownNameError
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices: Iterable[str], *, n: int = 3, cutoff: float = 0.5) -> str:
+    """`` Did you mean 'a', 'b'?`` with the names in ``choices`` nearest to ``name`` (difflib ratio), or "".
+
+    Example:
+        >>> did_you_mean("rafbd", ["rafdb", "affectnet", "ferplus"])
+        " Did you mean 'rafdb'?"
+    """
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 class Registry(Generic[T]):
@@ -41,8 +52,7 @@ class Registry(Generic[T]):
             raise UnknownNameError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, self._entries)
         return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._entries))}"
 
     def names(self) -> list[str]:

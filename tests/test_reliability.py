@@ -76,3 +76,19 @@ def test_checkpoints_that_do_not_fit_their_model_config(tiny_synthfer, tmp_path)
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
     result = runner.invoke(app, [*base, "--checkpoint", str(tmp_path / "noise.pt")])
     _one_line_error(result, "noise.pt", "not a torch.save file")
+
+
+def test_options_a_submission_cannot_use(tmp_path):
+    sub = tmp_path / "sub.csv"
+    sub.write_text("image_id,prediction\n")
+    base = ["eval", "--dataset", "synthfer", "--root", str(tmp_path), "--predictions", str(sub)]
+    _one_line_error(runner.invoke(app, [*base, "--tta", "flip", "--batch-size", "8"]), "--tta, --batch-size")
+    _one_line_error(runner.invoke(app, [*base, "--perturb", "blur"]), "--perturb", "only with --checkpoint")
+
+
+def test_a_mistyped_backbone_suggests_the_nearest_names():
+    from fer_bench.errors import ConfigError
+    from fer_bench.models.backbone import create_backbone
+
+    with pytest.raises(ConfigError, match="Did you mean 'swin_tiny_patch4_window7_224'"):
+        create_backbone("swin_tiny_patch4_windw7_224", num_classes=3, img_size=32)

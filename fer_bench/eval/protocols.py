@@ -15,7 +15,7 @@ from typing import Any
 
 from fer_bench.data import DatasetInfo, get_dataset, list_datasets
 from fer_bench.errors import ConfigError, DataError
-from fer_bench.registry import Registry
+from fer_bench.registry import Registry, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,7 @@ def get_protocol(name: str) -> Protocol:
     if name in list_datasets():
         return Protocol(name, 0, name, description=f"{name}: test split, all rows (ad-hoc, not a benchmark)")
     choices = sorted(set(PROTOCOLS.names()) | set(list_datasets()))
-    import difflib
-
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, choices)
     raise ConfigError(f"--dataset {name!r}: not a protocol or dataset.{hint} Available: {', '.join(choices)}")
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from fer_bench.errors import ConfigError, WeightsUnavailableError
 from fer_bench.models.conv_stem import ConvStemPatchEmbed
+from fer_bench.registry import did_you_mean
 
 SUPPORTED_FAMILIES = ("vit", "swin")
 _SUPPORTED_MODULES = ("vision_transformer", "vision_transformer_hybrid", "swin_transformer")
@@ -49,8 +50,9 @@ def create_backbone(
     """
     architecture, tag = timm.models.split_model_name_tag(name)  # "vit_base_patch16_224.augreg_in21k" has a weights tag
     if architecture not in timm.list_models():
-        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:5]
-        raise ConfigError(f"model.backbone {name!r}: not a timm model name; e.g. {close}")
+        families = [m for m in timm.list_models() if m.startswith(("vit_", "swin", "deit", "beit"))]
+        hint = did_you_mean(architecture, families, n=3, cutoff=0.6) or " e.g. 'vit_tiny_patch16_224'"
+        raise ConfigError(f"model.backbone {name!r}: not a timm model name.{hint}")
     if tag and name not in timm.list_models(architecture, pretrained=True):
         tags = timm.list_models(architecture, pretrained=True)[:6]
         raise ConfigError(f"model.backbone {name!r}: timm has no weights tagged {tag!r}; e.g. {tags}")
