@@ -10,6 +10,93 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# A tracking server that does not answer must cost seconds, not MLflow's default 7 retries of 120 s.
+HTTP_TIMEOUT_S = "5"
+HTTP_RETRIES = "0"
+
+
+def _mlflow_quietly():
+    """mlflow, imported with bounded HTTP waits and without its INFO chatter or urllib3's retry warnings."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+    import mlflow
+
+    # mlflow sets its loggers to INFO on import; its table-creation chatter and its logged tracebacks are not for
+    # the user (a failure is reported once, in one line). --verbose (a DEBUG root logger) keeps them all.
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    return mlflow
+
+
+def unreachable(tracking_uri: str, timeout: float = 3.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (one phrase), or None (also for local stores).
+
+    One TCP connection with a short timeout: answers in seconds where MLflow's own client would retry for minutes.
+    """
+    from urllib.parse import urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    import socket
+
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"no server answers at {parsed.hostname}:{port}: {exc.strerror or type(exc).__name__}"
+
+
+def _reason(exc: BaseException) -> str:
+    """One phrase for a store failure, naming the cause MLflow buries (a read-only database, a locked one)."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(chain).lower()
+    for needle, phrase in (
+        ("readonly", "the store is read-only"),
+        ("read-only", "the store is read-only"),
+        ("database is locked", "the sqlite store is locked by another process"),
+        ("unable to open database", "the sqlite file cannot be opened (missing folder or permissions)"),
+    ):
+        if needle in text:
+            return phrase
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def _store_lock(tracking_uri: str):
+    """An exclusive file lock beside a sqlite store while runs are created (else a no-op context)."""
+    import contextlib
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+
+    @contextlib.contextmanager
+    def locked():
+        lock_path = database.parent / f".{database.name}.lock"
+        try:
+            handle = open(lock_path, "a")  # noqa: SIM115  (held for the with-block below)
+        except OSError:  # an unwritable folder: MLflow's own error will say so
+            yield
+            return
+        with handle:
+            try:
+                import fcntl
+
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except ImportError:
+                pass
+            yield
+
+    return locked()
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -38,22 +125,22 @@ class Tracker:
         if not enabled:
             return
         try:
-            os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-            import mlflow
-
-            # mlflow sets its loggers to INFO on import; its table-creation chatter is not for the user.
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-            self._mlflow = mlflow
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name)
+            self._mlflow = _mlflow_quietly()
+            problem = unreachable(tracking_uri)
+            if problem:
+                self._fail(
+                    f"MLflow tracking at {tracking_uri!r} is unavailable ({problem}); continuing without tracking"
+                )
+                return
+            with _store_lock(tracking_uri):  # a new sqlite store's schema migration is not safe to race
+                self._mlflow.set_tracking_uri(tracking_uri)
+                self._mlflow.set_experiment(experiment)
+                run = self._mlflow.start_run(run_name=run_name)
             self.run_id = run.info.run_id
             self.active = True
         except Exception as exc:  # an unreachable or broken store must not stop training
             self._fail(
-                f"MLflow tracking at {tracking_uri!r} is unavailable ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); continuing without tracking"
+                f"MLflow tracking at {tracking_uri!r} is unavailable ({_reason(exc)}); continuing without tracking"
             )
 
     def _fail(self, message: str) -> None:
@@ -103,9 +190,12 @@ def resume_tracker(*, tracking_uri: str, run_id: str, warn=None) -> Tracker:
     """Re-open an existing run (for eval after train, or ``--resume``)."""
     tracker = Tracker(enabled=False, tracking_uri=tracking_uri, experiment="", warn=warn)
     try:
-        import mlflow
-
+        mlflow = _mlflow_quietly()
         tracker._mlflow = mlflow
+        problem = unreachable(tracking_uri)
+        if problem:
+            tracker._fail(f"MLflow run {run_id} at {tracking_uri!r} cannot be reopened ({problem}); continuing without")
+            return tracker
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.start_run(run_id=run_id)
         tracker.run_id = run_id
