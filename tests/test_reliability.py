@@ -92,3 +92,23 @@ def test_a_mistyped_backbone_suggests_the_nearest_names():
 
     with pytest.raises(ConfigError, match="Did you mean 'swin_tiny_patch4_window7_224'"):
         create_backbone("swin_tiny_patch4_windw7_224", num_classes=3, img_size=32)
+
+
+def test_truth_au_maps_follow_the_rendered_expression_not_a_noisy_label(tiny_synthfer):
+    """SynthFER's true AU map shows the face as rendered (clean_label): a training label flipped to neutral by label
+    noise must not blank it."""
+    import numpy as np
+
+    from fer_bench.data import FaceDataset, create_transform, get_dataset
+
+    info = get_dataset("synthfer", tiny_synthfer)
+    names = info.label_space.names
+    rows = info.split("test")
+    row = rows[rows["clean_label"] == names.index("happiness")].head(1).copy()
+    row["label"] = names.index("neutral")  # what label noise would do
+    dataset = FaceDataset.from_info(
+        info, "test", rows=row.reset_index(drop=True), transform=create_transform(train=False, img_size=32),
+        heatmaps="truth",
+    )  # fmt: skip
+    truth = dataset._truth_map(0, (32, 32))
+    assert truth.max() > 0.5 and np.isfinite(truth).all()

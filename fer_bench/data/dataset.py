@@ -346,7 +346,9 @@ class FaceDataset(Dataset):
         intensity = np.asarray(self.rows.at[index, "au_intensity"], dtype=np.float32)
         regions = self.au_regions[int(self.rows.at[index, "mask_index"])].astype(np.float32)  # [n_AU, G, G]
         active = (intensity >= max(0.05, 0.5 * float(intensity.max()))) if intensity.max() > 0 else intensity > 1
-        if self.label_names[self.labels[index]] == "neutral" or not active.any():
+        # the rendered face's own expression: under label noise the training label may say otherwise
+        shown = self.rows.at[index, "clean_label"] if "clean_label" in self.rows.columns else self.labels[index]
+        if self.label_names[int(shown)] == "neutral" or not active.any():
             return np.zeros(shape, np.float32)
         grid_map = regions[active].max(axis=0)
         return cv2.resize(grid_map, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
