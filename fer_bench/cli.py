@@ -421,7 +421,9 @@ def eval_(
             experiment=recipe_tracking.get("experiment", "fer_bench"),
             run_name=f"eval-{protocol.name}",
             tags={
-                "dataset": protocol.name,
+                "dataset": protocol.dataset,  # as training runs tag it: compare finds both
+                "protocol": protocol.name,
+                "protocol_version": str(protocol.version),
                 "checkpoint": str(checkpoint or ""),
                 "predictions": str(predictions or ""),
                 "train_run_id": (state or {}).get("mlflow_run_id") or "",
@@ -967,8 +969,8 @@ def data_describe(
         return
     stdout.print(f"[bold]{summary['dataset']}[/] at {root}", highlight=False)
     stdout.print(f"layout: {summary['layout']}", highlight=False)
-    if info.protocol:
-        stdout.print(f"protocol: {info.protocol}", highlight=False)
+    if info.splits:
+        stdout.print(f"splits: {info.splits}", highlight=False)
     for line in extra_lines:
         stdout.print(line, highlight=False)
     table = Table(title="images per split and label")

@@ -230,7 +230,7 @@ FERPLUS_TRAIN = {
 def test_ferplus_csv_sizes_under_every_mode(tmp_path, mode):
     root = formats.write_ferplus_csv(tmp_path / "fp")
     info = get_dataset("ferplus", root, mode=mode)
-    assert info.layout.startswith("csv") and "votes from fer2013new" in info.protocol
+    assert info.layout.startswith("csv") and "votes from fer2013new" in info.splits
     assert sorted(info.split("train")["image_id"]) == FERPLUS_TRAIN[mode]
     # val and test always use majority
     assert info.split("val")["image_id"].tolist() == ["fer0000008"]
@@ -279,7 +279,7 @@ def test_ferplus_soft_targets_and_votes_kept(tmp_path):
 def test_ferplus_generated_folders_and_votes_source(tmp_path):
     root = formats.write_ferplus_folders(tmp_path / "fp")
     info = get_dataset("ferplus", root)  # label.csv by default, as the official trainer
-    assert info.layout.startswith("generated folders") and "votes from label_csv" in info.protocol
+    assert info.layout.startswith("generated folders") and "votes from label_csv" in info.splits
     by_id = info.manifest.set_index("image_id")
     assert by_id.loc["fer0000001", "expression"] == "sadness"  # label.csv disagrees with fer2013new.csv
     assert by_id.loc["fer0000001", "path"] == "FER2013Train/fer0000001.png"
@@ -337,7 +337,7 @@ def test_fer2013_csv_and_folders(tmp_path):
 def test_infer_generated_subject_grouped_folds(tmp_path):
     root = formats.write_infer(tmp_path / "infer")
     info = get_dataset("infer", root, fold=3)
-    assert "InFER 10-fold (fer_bench folds)" in info.protocol and "grouped by subject" in info.protocol
+    assert "InFER 10-fold (fer_bench folds)" in info.splits and "grouped by subject" in info.splits
     assert info.layout == "class-name folders + metadata.csv"
     folds = info.manifest["fold"].to_numpy()
     assert set(folds) == set(range(10))
@@ -354,7 +354,7 @@ def test_infer_generated_subject_grouped_folds(tmp_path):
 def test_infer_metadata_folds_and_metadata_only(tmp_path):
     root = formats.write_infer(tmp_path / "infer", with_fold=True)
     info = get_dataset("infer", root, fold=0)
-    assert "metadata.csv folds" in info.protocol
+    assert "metadata.csv folds" in info.splits
     assert set(info.split("test")["subject_id"]) == {"S00", "S10"}
     for folder in (root / "images").iterdir():  # metadata alone (file + label) also works
         for image in folder.iterdir():

@@ -32,7 +32,7 @@ def test_fit_trains_on_ferplus_soft_targets(tmp_path, mode):
     recipe["tracking"]["enabled"] = False
     result = fit(recipe_from_dict(recipe))
     assert np.isfinite(result.summary[0]["train_loss"]) and result.summary[0]["train_loss"] > 0
-    assert "train mode " + mode in result.test_results["dataset_protocol"]
+    assert "train mode " + mode in result.test_results["dataset_splits"]
 
 
 def test_class_balanced_sampler_draws_classes_evenly():
@@ -55,5 +55,5 @@ def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
     assert (
         with_validation_split(info, fraction=0.2, seed=5).split("val")["image_id"].tolist() == val["image_id"].tolist()
     )
-    assert "val = 20% of train" in carved.protocol
+    assert "val = 20% of train" in carved.splits
     assert with_validation_split(carved, fraction=0.5, seed=0) is carved  # a val split is kept as it is

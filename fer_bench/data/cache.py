@@ -172,7 +172,7 @@ def source_fingerprint(info: DatasetInfo) -> str:
     for column in manifest.columns:  # every column travels into rows.parquet (groups, subsets, AU intensities, ...)
         h.update(str(column).encode())
         _hash_column(h, manifest[column].tolist())
-    h.update(f"{info.group_columns}|{info.subset_columns}|{info.target_kind}|{info.protocol}".encode())
+    h.update(f"{info.group_columns}|{info.subset_columns}|{info.target_kind}|{info.splits}".encode())
     synth = info.extras.get("synth_config")
     if synth is not None:  # the generator's parameters, its version included, and the code that renders
         h.update(f"{synth!r}|fer_bench {__version__}".encode())
@@ -478,7 +478,8 @@ def build_cache(
             "group_columns": list(info.group_columns),
             "subset_columns": list(info.subset_columns),
             "target_kind": info.target_kind,
-            "protocol": info.protocol,
+            "splits": info.splits,
+            "resolved_options": dict(info.extras.get("resolved_options", {})),
             "dropped": {k: int(v) for k, v in info.dropped.items()},
             "notes": list(info.notes),
             "pixels": "rendered by the SynthFER generator" if synth_config is not None else "decoded",
@@ -660,6 +661,8 @@ def open_cache(folder: str | os.PathLike) -> DatasetInfo:
     alignment = card.get("alignment")
     if alignment:
         extras["alignment"] = alignment
+    if card.get("resolved_options"):
+        extras["resolved_options"] = dict(card["resolved_options"])
     if "occlusion_bits" in rows.columns:
         rows["mask_index"] = np.arange(len(rows), dtype=np.int64)
         extras["masks"] = lambda: _unpack_masks(rows, size)
@@ -682,7 +685,7 @@ def open_cache(folder: str | os.PathLike) -> DatasetInfo:
         subset_columns=tuple(card.get("subset_columns", ())),
         dropped=dict(card.get("dropped") or {}),
         extras=extras,
-        protocol=card.get("protocol", ""),
+        splits=card.get("splits", card.get("protocol", "")),  # "protocol": caches before 0.1.1
         crop_to_bbox=False,
         target_kind=card.get("target_kind", "label"),
         notes=[*card.get("notes", []), f"images read from the prepared cache {folder} ({size} px)"],

@@ -65,7 +65,7 @@ def load_card(name: str, cards_dir: Path = CARDS_DIR) -> dict[str, Any] | None:
 
 def _matches(when: dict[str, Any], info: DatasetInfo, options: dict[str, Any]) -> bool:
     for key, wanted in (when or {}).items():
-        if key in ("layout", "protocol"):
+        if key in ("layout", "splits"):
             text = getattr(info, key)
             if not all(part in text for part in ([wanted] if isinstance(wanted, str) else wanted)):
                 return False

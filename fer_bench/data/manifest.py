@@ -55,7 +55,8 @@ class DatasetInfo:
         dropped: Rows left out while reading, by reason.
         extras: Adapter-specific arrays (e.g. SynthFER's masks, FER2013's pixels), aligned by a manifest column;
             a callable value is loaded on first use.
-        protocol: The evaluation protocol these splits implement, in words (recorded in every result).
+        splits: How the adapter defines its splits, in words (recorded in every result); the versioned
+            evaluation protocol is ``fer_bench.eval.protocols.Protocol``.
         crop_to_bbox: Crop each image to its ``bbox`` column before the transform (AffectNet's full images).
         target_kind: What training fits: ``label`` (hard labels), ``soft`` (cross-entropy on ``soft_target``),
             ``sample`` (one class drawn from ``soft_target`` per sample and epoch) or ``multi_target``
@@ -72,7 +73,7 @@ class DatasetInfo:
     subset_columns: tuple[str, ...] = ()
     dropped: dict[str, int] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
-    protocol: str = ""
+    splits: str = ""
     crop_to_bbox: bool = False
     target_kind: str = "label"
     notes: list[str] = field(default_factory=list)
@@ -134,8 +135,8 @@ def with_validation_split(info: DatasetInfo, *, fraction: float, seed: int) -> D
             chosen.extend(rng.choice(members, size=take, replace=False).tolist())
     manifest = manifest.copy()
     manifest.loc[chosen, "split"] = "val"
-    protocol = f"{info.protocol}; val = {fraction:.0%} of train, stratified, seed {seed}".lstrip("; ")
-    return replace(info, manifest=manifest, protocol=protocol)
+    splits = f"{info.splits}; val = {fraction:.0%} of train, stratified, seed {seed}".lstrip("; ")
+    return replace(info, manifest=manifest, splits=splits)
 
 
 def dataset_hash(image_ids, labels) -> str:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from fer_bench._io import atomic_path
 from fer_bench.errors import ConfigError
+from fer_bench.eval.protocols import PROTOCOLS
 
 
 def compare_runs(
@@ -41,8 +42,9 @@ def compare_runs(
     if not experiments:
         return pd.DataFrame()
     filters = ["attributes.status = 'FINISHED'"]
-    if dataset:
-        filters.append(f"tags.dataset = '{dataset}'")
+    if dataset:  # a protocol name (affectnet7) selects runs scored under it; a dataset name (affectnet) all of them
+        key = "protocol" if dataset in PROTOCOLS and PROTOCOLS.get(dataset).dataset != dataset else "dataset"
+        filters.append(f"tags.{key} = '{dataset}'")
     runs = mlflow.search_runs(
         experiment_ids=[e.experiment_id for e in experiments],
         filter_string=" and ".join(filters),

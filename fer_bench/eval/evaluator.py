@@ -423,7 +423,7 @@ def score(
         "dataset_bias_train": train_split_bias(info, tuple(group_columns)),
         "dataset": info.name,
         "layout": info.layout,
-        "dataset_protocol": info.protocol,
+        "dataset_splits": info.splits,
         "split": split,
         "label_space": {"name": _space_name(list(scored), info.label_space), "names": list(scored)},
         "cross_dataset": cross,
@@ -723,6 +723,14 @@ def _ci_text(ci: list | None) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
 
 
+def _protocol_lines(protocol: dict | None) -> list[str]:
+    if not protocol:
+        return []
+    return [
+        f"- protocol: {protocol['name']} v{protocol['version']} — {protocol.get('description') or protocol['name']}"
+    ]
+
+
 def _faces_lines(faces: dict | None) -> list[str]:
     if not faces:
         return []
@@ -758,8 +766,9 @@ def _report_md(results: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {protocol.get('name', results['dataset'])} / {results['split']}",
         "",
-        f"- protocol: {protocol.get('name', '-')} v{protocol.get('version', '-')} — {protocol.get('description', '')}",
-        f"- dataset: {results['dataset']} ({results.get('layout', '-')}); {results.get('dataset_protocol') or ''}",
+        *_protocol_lines(protocol),
+        f"- dataset: {results['dataset']} ({results.get('layout') or 'layout not recorded'})"
+        + (f"; splits: {results['dataset_splits']}" if results.get("dataset_splits") else ""),
         f"- checkpoint / predictions: `{results.get('checkpoint') or results.get('predictions') or '-'}`",
         f"- label space: {results['label_space']['name']} ({', '.join(names)})",
         f"- images: {results['n']}; dataset hash `{results['dataset_hash'][:16]}…`",

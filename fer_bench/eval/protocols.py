@@ -73,6 +73,46 @@ def get_protocol(name: str) -> Protocol:
     raise ConfigError(f"--dataset {name!r}: not a protocol or dataset.{hint} Available: {', '.join(choices)}")
 
 
+def protocol_of(info: DatasetInfo, options: dict[str, Any] | None = None, *, split: str = "test") -> Protocol:
+    """:func:`protocol_for` the dataset ``info`` was read as (with the options its adapter resolved itself, such as
+    InFER's split scheme when none was given)."""
+    return protocol_for(info.name, {**(options or {}), **info.extras.get("resolved_options", {})}, split=split)
+
+
+def protocol_for(dataset: str, options: dict[str, Any] | None = None, *, split: str = "test") -> Protocol:
+    """The registered protocol a training run on ``dataset`` with adapter ``options`` (defaults included) is scored
+    under: the one for that dataset, scoring ``split`` of all rows, whose fixed options the run's agree with (the
+    most specific wins: affectnet + classes=7 → ``affectnet7``; infer + protocol=cv10 → ``infer-cv10``); else an
+    ad-hoc protocol named after the dataset (version 0).
+
+    Example:
+        >>> protocol_for("affectnet", {"classes": 7}).name, protocol_for("rafdb", {}).name
+        ('affectnet7', 'rafdb')
+    """
+    from fer_bench.data import dataset_options
+
+    options = {**dataset_options(dataset), **(options or {})} if dataset in list_datasets() else dict(options or {})
+    matching = [
+        PROTOCOLS.get(name)
+        for name in PROTOCOLS.names()
+        if PROTOCOLS.get(name).dataset == dataset
+        and PROTOCOLS.get(name).split == split
+        and PROTOCOLS.get(name).subset is None
+        and all(options.get(k) == v for k, v in PROTOCOLS.get(name).options.items())
+    ]
+    if matching:
+        return max(matching, key=lambda p: len(p.options))
+    fixed = ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "default options"
+    return Protocol(
+        dataset,
+        0,
+        dataset,
+        dict(options),
+        split=split,
+        description=f"{dataset} ({fixed}), {split} split, all rows (ad hoc, not a benchmark)",
+    )
+
+
 def list_protocols() -> list[str]:
     return PROTOCOLS.names()
 

@@ -27,6 +27,7 @@ from fer_bench.data import AugmentOptions
 from fer_bench.data.prepare import face_framing
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, flat_metrics, write_report
+from fer_bench.eval.protocols import protocol_of
 from fer_bench.models import FerModel, create_model, set_fused_attention
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from fer_bench.runtime import (
@@ -389,6 +390,8 @@ class _Run:
                 )
             barrier(self.ctx)
         self.face_framing = face_framing(self.info)
+        # the versioned protocol the test split is scored under: the same name eval and compare use
+        self.protocol = protocol_of(self.info, data.options, split=data.test_split)
         self.loader_kind = resolve_loader(data.loader, cached=data.cache != "off")
         started_with = (self.state or {}).get("loader")
         if started_with and started_with != self.loader_kind:
@@ -397,9 +400,7 @@ class _Run:
                 f"the {self.loader_kind} one; resume with data.cache set as it was (the {started_with} loader)"
             )
         if self.info.target_kind != "label":
-            self.cb.message(
-                f"{self.info.name}: training on soft targets ({self.info.target_kind}); {self.info.protocol}"
-            )
+            self.cb.message(f"{self.info.name}: training on soft targets ({self.info.target_kind}); {self.info.splits}")
 
     def setup_model(self) -> None:
         recipe, rt, data = self.recipe, self.recipe.runtime, self.recipe.data
@@ -579,7 +580,8 @@ class _Run:
                 **run_facts,
                 "label_space": list(self.label_names),
                 "layout": info.layout,
-                "protocol": info.protocol,
+                "splits": info.splits,
+                "protocol": f"{self.protocol.name} v{self.protocol.version}",
                 "face_framing": self.face_framing,
             },
         }
@@ -601,7 +603,8 @@ class _Run:
                 {
                     "dataset": info.name,
                     "layout": info.layout,
-                    "protocol": info.protocol,
+                    "protocol": self.protocol.name,
+                    "protocol_version": str(self.protocol.version),
                     "alignment": (self.face_framing or {}).get("alignment") or "dataset crops",
                     "backbone": recipe.model.backbone,
                     "heads": self.heads_text or "none",
@@ -811,7 +814,7 @@ class _Run:
                 test_results = evaluate(
                     model_from_checkpoint(best_state).to(self.device),
                     self.info,
-                    split=data.test_split,
+                    protocol=self.protocol,
                     img_size=data.img_size,
                     label_names=self.label_names,
                     device=self.device,

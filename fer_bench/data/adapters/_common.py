@@ -126,7 +126,7 @@ def make_info(
     dropped: Counter | dict[str, int] | None = None,
     group_columns: tuple[str, ...] = (),
     subset_columns: tuple[str, ...] = (),
-    protocol: str = "",
+    splits: str = "",
     **fields: Any,
 ) -> DatasetInfo:
     """Build the DatasetInfo from row dicts that carry ``expression`` (a class name of ``label_space``).
@@ -159,6 +159,6 @@ def make_info(
         group_columns=group_columns,
         subset_columns=subset_columns,
         dropped=dict(sorted(dropped.items())),
-        protocol=protocol,
+        splits=splits,
         **fields,
     )

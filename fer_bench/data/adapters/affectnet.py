@@ -216,6 +216,6 @@ def load_affectnet(root: Path, *, classes: int = 8) -> DatasetInfo:
         label_space=space,
         rows=rows,
         dropped=dropped,
-        protocol=f"AffectNet-{classes}: train = training set; test = official validation set ({val_count})",
+        splits=f"AffectNet-{classes}: train = training set; test = official validation set ({val_count})",
         crop_to_bbox=crop,
     )

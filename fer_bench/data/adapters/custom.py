@@ -62,7 +62,7 @@ def load_folder(root: Path, *, label_space: str | None = None, split: str = "tes
         layout=layout,
         label_space=_space(label_space, rows),
         rows=rows,
-        protocol="custom folders",
+        splits="custom folders",
     )
 
 
@@ -135,5 +135,5 @@ def load_csv(
         rows=rows,
         group_columns=groups,
         subset_columns=subsets,
-        protocol="custom csv",
+        splits="custom csv",
     )

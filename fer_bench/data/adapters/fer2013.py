@@ -116,7 +116,7 @@ def load_fer2013(root: Path) -> DatasetInfo:
             layout=f"fer2013.csv ({csv_path.relative_to(root)})",
             label_space=get_label_space("basic7"),
             rows=rows,
-            protocol="FER2013: Training / PublicTest / PrivateTest = train / val / test",
+            splits="FER2013: Training / PublicTest / PrivateTest = train / val / test",
             extras={"images": lambda: fer2013_pixels(csv_path)},
         )
     splits = find_split_folders(root)
@@ -133,5 +133,5 @@ def load_fer2013(root: Path) -> DatasetInfo:
         layout="class-name folders {train,test}/<class>",
         label_space=get_label_space("basic7"),
         rows=rows,
-        protocol="FER2013 folders: train / test (PublicTest + PrivateTest)",
+        splits="FER2013 folders: train / test (PublicTest + PrivateTest)",
     )

@@ -306,7 +306,7 @@ def load_ferplus(root: Path, *, votes_source: str | None = None, mode: str = "ma
         label_space=_SPACE,
         rows=rows,
         dropped=dropped,
-        protocol=f"FERPlus: train mode {mode}, val/test majority; votes from {source}",
+        splits=f"FERPlus: train mode {mode}, val/test majority; votes from {source}",
         extras=extras,
         target_kind=TARGET_KIND[mode],
     )

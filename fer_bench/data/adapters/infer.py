@@ -193,6 +193,7 @@ def load_infer(root: Path, *, fold: int = 0, protocol: str | None = None) -> Dat
         label_space=get_label_space("basic7"),
         rows=rows,
         group_columns=GROUP_COLUMNS,
-        protocol=description,
+        splits=description,
         notes=notes,
+        extras={"resolved_options": {"protocol": protocol}},  # the split scheme chosen when none was asked for
     )

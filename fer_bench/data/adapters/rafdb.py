@@ -310,7 +310,7 @@ def load_rafdb(
         rows=rows,
         group_columns=GROUP_COLUMNS,
         subset_columns=SUBSET_COLUMNS,
-        protocol="RAF-DB basic: train (12,271) / test (3,068), 7 classes",
+        splits="RAF-DB basic: train (12,271) / test (3,068), 7 classes",
         notes=notes,
     )
 
@@ -331,6 +331,6 @@ def load_rafdb_compound(root: Path, *, images: str = "aligned") -> DatasetInfo:
         label_space=get_label_space("rafdb_compound"),
         rows=rows,
         group_columns=GROUP_COLUMNS,
-        protocol="RAF-DB compound: train / test, 11 compound classes (not mapped onto the basic expressions)",
+        splits="RAF-DB compound: train / test, 11 compound classes (not mapped onto the basic expressions)",
         notes=notes,
     )

@@ -1,0 +1,45 @@
+"""One meaning of "protocol" (issue 12): training and eval attach the same versioned protocol, resolved from the
+dataset and its options; the report never prints an empty field; MLflow tags mean the same in both runs."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from fer_bench.cli import app
+from fer_bench.eval.protocols import protocol_for
+from tests.conftest import tiny_recipe_dict
+
+runner = CliRunner()
+
+
+def test_protocols_resolve_from_the_dataset_and_its_options():
+    assert protocol_for("affectnet", {"classes": 7}).name == "affectnet7"
+    assert protocol_for("affectnet", {}).name == "affectnet8"  # the adapter's default classes=8
+    assert protocol_for("infer", {"protocol": "cv10"}).name == "infer-cv10"
+    assert protocol_for("rafdb", {}).name == "rafdb" and protocol_for("rafdb", {}).subset is None
+    adhoc = protocol_for("folder", {}, split="val")
+    assert (adhoc.name, adhoc.version, adhoc.split) == ("folder", 0, "val") and "ad hoc" in adhoc.description
+
+
+def test_train_and_eval_runs_carry_the_same_protocol(tiny_synthfer, tmp_path):
+    import mlflow
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    report = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "- protocol: synthfer v1 — SynthFER test split" in report
+    assert " - v-" not in report and "v- " not in report and "(-)" not in report and not report.count("; \n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["eval", "--dataset", "synthfer", "--root", str(tiny_synthfer), "--bootstrap", "0"]
+    result = runner.invoke(app, [*args, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    tags = [r.data.tags for r in runs]
+    assert len(runs) == 2 and {t.get("kind", "train") for t in tags} == {"train", "eval"}
+    assert {(t["dataset"], t["protocol"], t["protocol_version"]) for t in tags} == {("synthfer", "synthfer", "1")}
+    shown = runner.invoke(app, ["compare", "--dataset", "synthfer", "--tracking-uri", uri], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("synthfer") >= 2  # the training run and the eval run both listed
