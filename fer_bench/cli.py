@@ -1142,6 +1142,8 @@ def data_verify(
         task = progress.add_task(f"decoding {dataset}", total=len(info.manifest), info="")
         report = verify_images(info, progress=lambda k: progress.update(task, advance=k))
     problems = report["problems"]
+    for note, count in report.get("converted", {}).items():
+        console.print(f"note: {count} image(s) {note}", highlight=False)
     if problems:
         for image_id, path, message in problems[:20]:
             console.print(f"  {path or image_id}: {message}", highlight=False, soft_wrap=True)

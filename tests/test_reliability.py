@@ -112,3 +112,20 @@ def test_truth_au_maps_follow_the_rendered_expression_not_a_noisy_label(tiny_syn
     )  # fmt: skip
     truth = dataset._truth_map(0, (32, 32))
     assert truth.max() > 0.5 and np.isfinite(truth).all()
+
+
+def test_verify_says_what_it_converts_and_flags_tiny_images(tmp_path):
+    import cv2
+    import numpy as np
+
+    from tests.formats import write_class_folders
+
+    root = write_class_folders(tmp_path / "folder")
+    happy = root / "train" / "happy"
+    cv2.imwrite(str(happy / "grey.png"), np.full((40, 40), 128, np.uint8))
+    cv2.imwrite(str(happy / "deep.png"), np.full((40, 40, 3), 40000, np.uint16))
+    cv2.imwrite(str(happy / "dot.png"), np.zeros((1, 1, 3), np.uint8))
+    result = runner.invoke(app, ["data", "verify", "--dataset", "folder", "--root", str(root)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "1 image(s) grey, read as RGB" in result.output and "1 image(s) 16-bit, scaled to 8-bit" in result.output
+    assert "dot.png: 1x1 px, below the 16-px minimum" in result.output

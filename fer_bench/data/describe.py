@@ -97,15 +97,45 @@ def count_warnings(
     return warnings
 
 
+MIN_IMAGE_SIDE = 16  # below this an image holds no usable face (a 1x1 file decodes fine and trains on nothing)
+
+
+def image_conversions(path: Path) -> tuple[list[str], tuple[int, int]]:
+    """What reading ``path`` as RGB uint8 converts (grey to RGB, 16-bit to 8-bit, alpha dropped) and its size (h, w).
+
+    Raises:
+        DataError: missing, empty or undecodable (as :func:`decode_image`).
+    """
+    import cv2
+
+    decode_image(path)  # the errors the loaders would raise, worded the same
+    raw = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    notes = []
+    if raw.ndim == 2 or (raw.ndim == 3 and raw.shape[2] == 1):
+        notes.append("grey, read as RGB")
+    elif raw.shape[2] == 4:
+        notes.append("alpha channel dropped")
+    if raw.dtype != np.uint8:
+        notes.append(f"{raw.dtype.itemsize * 8}-bit, scaled to 8-bit")
+    return notes, raw.shape[:2]
+
+
 def verify_images(info: DatasetInfo, *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Decode every image of ``info``; return ``{"checked": n, "problems": [(image_id, path, message), ...]}``."""
+    """Decode every image of ``info``; return ``{"checked": n, "problems": [(image_id, path, message), ...],
+    "converted": {what: count}}``. Images under MIN_IMAGE_SIDE pixels are problems; conversions (grey, 16-bit,
+    alpha) are counted, not errors."""
     problems: list[tuple[str, str, str]] = []
+    converted: dict[str, int] = {}
     images = info.extra("images")
     manifest = info.manifest
     for row in manifest.itertuples(index=False):
         try:
             if getattr(row, "path", ""):
-                decode_image(info.root / row.path)
+                notes, (height, width) = image_conversions(info.root / row.path)
+                for note in notes:
+                    converted[note] = converted.get(note, 0) + 1
+                if min(height, width) < MIN_IMAGE_SIDE:
+                    raise DataError(f"{width}x{height} px, below the {MIN_IMAGE_SIDE}-px minimum for a face")
             elif images is not None:
                 image = np.asarray(images[int(row.array_index)])
                 if image.size == 0:
@@ -116,4 +146,4 @@ def verify_images(info: DatasetInfo, *, progress: Callable[[int], None] | None =
             problems.append((str(row.image_id), str(getattr(row, "path", "")), str(exc)))
         if progress:
             progress(1)
-    return {"checked": len(manifest), "problems": problems}
+    return {"checked": len(manifest), "problems": problems, "converted": converted}

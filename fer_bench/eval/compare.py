@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -109,7 +108,3 @@ def comparison_plot(table: pd.DataFrame, *, metric: str, path: str | os.PathLike
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
-
-
-def table_rows(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
-    return table.to_dict(orient="records")

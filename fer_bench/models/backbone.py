@@ -141,14 +141,6 @@ def num_layers(model: nn.Module) -> int:
     return len(model.blocks) if isinstance(model, VisionTransformer) else len(model.layers)
 
 
-def resolve_layer(model: nn.Module, layer: int, *, option: str) -> int:
-    """A layer index (negative counts from the end, as in Python) checked against the backbone's depth."""
-    n = num_layers(model)
-    if not -n <= layer < n:
-        raise ConfigError(f"{option}={layer}: the backbone has {n} layers (use 0..{n - 1} or -1..-{n})")
-    return layer % n
-
-
 def forward_layers(
     model: nn.Module,
     x: torch.Tensor,
