@@ -130,6 +130,9 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
     rob = occluded["robustness"]
     assert rob["perturbation"] == "occlusion" and occluded["config"]["tta"] == "flip"
     assert rob["drop"]["acc"] == rob["clean"]["acc"] - occluded["metrics"]["acc"]
+    # the head metrics (ATT-COS on SynthFER's truth maps) are measured on the perturbed images too, beside the clean
+    assert occluded["heads"] and set(occluded["heads"]) == set(rob["clean_heads"])
+    assert occluded["heads"] != rob["clean_heads"]
     assert runner.invoke(app, [*args[:-1], str(tmp_path / "ev_occ2")]).exit_code == 0
     assert json.loads((tmp_path / "ev_occ2" / "results.json").read_text())["metrics"] == occluded["metrics"]
     assert "robustness (occlusion)" in result.output

@@ -495,7 +495,7 @@ def evaluate(
     auto_hooks, data_options = head_metric_hooks(model, info, rows, label_names) if head_metrics else ([], {})
     hooks = list(hooks or []) + auto_hooks
 
-    def run(kind: str | None) -> np.ndarray:
+    def run(kind: str | None, run_hooks: list, options: dict[str, Any]) -> np.ndarray:
         dataset = FaceDataset.from_info(
             info,
             split,
@@ -503,7 +503,7 @@ def evaluate(
             rows=rows,
             perturb=kind,
             perturb_seed=perturb_seed,
-            **(data_options if kind is None else {}),
+            **options,
         )
         probs = predict(
             model,
@@ -513,7 +513,7 @@ def evaluate(
             workers=workers,
             tta=tta,
             progress=progress,
-            hooks=hooks if kind is None else None,
+            hooks=run_hooks,
             precision=precision,
         )
         return renormalize(probs[:, [list(label_names).index(n) for n in scored]])  # masked logits: columns left out
@@ -541,19 +541,31 @@ def evaluate(
         min_group_size=min_group_size,
     )
     try:
-        clean = score(probs=run(None), **common)
+        clean = score(probs=run(None, hooks, data_options), **common)
     finally:
         if isinstance(model, FerModel):
             model.attention_probe = probe
     clean["heads"] = {hook.name: hook.result() for hook in hooks}
     if not perturb:
         return clean
-    perturbed = score(probs=run(perturb), **common)
+    # the head metrics again, on the perturbed images (fresh hooks: they accumulate); the occlusion perturbation's
+    # added occluders have no true mask, so occluded-patch detection is not scored under it
+    again, again_options = head_metric_hooks(model, info, rows, label_names) if head_metrics else ([], {})
+    if perturb == "occlusion":
+        again = [h for h in again if not isinstance(h, OcclusionDetectionHook)]
+        again_options.pop("occlusion_masks", None)
+    try:
+        perturbed = score(probs=run(perturb, again, again_options), **common)
+    finally:
+        if isinstance(model, FerModel):
+            model.attention_probe = probe
+    perturbed["heads"] = {hook.name: hook.result() for hook in again}
     perturbed["robustness"] = {
         "perturbation": perturb,
         "seed": perturb_seed,
         "clean": {k: clean["metrics"][k] for k in HEADLINE},
         "drop": {k: clean["metrics"][k] - perturbed["metrics"][k] for k in HEADLINE},
+        "clean_heads": clean["heads"],
     }
     return perturbed
 
