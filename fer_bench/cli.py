@@ -784,7 +784,10 @@ def compare_cmd(
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=10, help="Resamples for the paired test.")] = 1000,
     metric: Annotated[str, typer.Option("--metric", help="Metric to rank by (acc, macro_f1, ece, ...).")] = "acc",
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow store.")] = "sqlite:///mlflow.db",
-    plot: Annotated[Path, typer.Option("--plot", help="Comparison plot to write.")] = Path("comparison.png"),
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Comparison plot to write (default: comparison.png beside a sqlite store)."),
+    ] = None,
 ) -> None:
     """Rank MLflow runs by a test metric, with CIs and fairness columns, and write a comparison plot.
 
@@ -813,32 +816,30 @@ def compare_cmd(
     if table.empty:
         stdout.print(f"no finished runs with test/{metric} in {tracking_uri}")
         return
-    view = Table(title=f"runs ranked by test/{metric}")
-    for column in (
-        "run_name",
-        "experiment",
-        "dataset",
-        metric,
-        "95 % CI",
-        "mean_class_acc",
-        "macro_f1",
-        "max_group_gap",
-        "eq_opp_gap",
-    ):
-        view.add_column(column)
-    fmt = lambda v: "" if v != v else f"{v:.4f}"  # noqa: E731
+    # fits 80 columns: names fold rather than being cut, figures in percent, each gap says which group column
+    view = Table(title=f"runs ranked by test/{metric}", expand=False, pad_edge=False)
+    view.add_column("run (experiment)", overflow="fold", ratio=3)
+    view.add_column("protocol", overflow="fold", ratio=1)
+    view.add_column(
+        f"{metric}{' %' if metric not in ('nll', 'brier') else ''} (95 % CI)", overflow="fold", justify="right"
+    )
+    view.add_column("mean cls / F1", justify="right")
+    view.add_column("worst gap (column)", overflow="fold")
+    pct = lambda v: "" if v != v else f"{100 * v:.1f}"  # noqa: E731
+    # fractions in percent; NLL and Brier as they are
+    own = pct if metric not in ("nll", "brier") else (lambda v: "" if v != v else f"{v:.4f}")  # noqa: E731
     for r in table.to_dict(orient="records"):
+        gap = f"{pct(r['max_group_gap'])} ({r['max_group_gap_column']})" if r["max_group_gap_column"] else ""
         view.add_row(
-            str(r["run_name"]),
-            str(r["experiment"]),
-            str(r["dataset"]),
-            fmt(r[metric]),
-            f"[{fmt(r[f'{metric}_ci_low'])}, {fmt(r[f'{metric}_ci_high'])}]",
-            fmt(r["mean_class_acc"]),
-            fmt(r["macro_f1"]),
-            fmt(r["max_group_gap"]),
-            fmt(r["eq_opp_gap"]),
+            f"{r['run_name'] or r['run_id'][:8]} ({r['experiment']})",
+            str(r.get("protocol") if isinstance(r.get("protocol"), str) else r["dataset"]),
+            f"{own(r[metric])} [{own(r[f'{metric}_ci_low'])}, {own(r[f'{metric}_ci_high'])}]",
+            f"{pct(r['mean_class_acc'])} / {pct(r['macro_f1'])}",
+            gap,
         )
+    if plot is None:
+        store = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
+        plot = (Path(store).parent if store else Path(".")) / "comparison.png"
     stdout.print(view)
     stdout.print(
         f"plot: {comparison_plot(table, metric=metric, path=plot)}; the same runs in MLflow's own UI: "

@@ -144,6 +144,17 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "runs ranked by test/acc" in result.output and (tmp_path / "cmp.png").stat().st_size > 1000
+    # in an 80-column terminal every run name is whole and the worst gap names its group column; the plot goes
+    # beside the sqlite store by default, not into the current folder
+    narrow = runner.invoke(
+        app, ["compare", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], env={"COLUMNS": "80"}
+    )
+    assert narrow.exit_code == 0, narrow.output
+    table = [line for line in narrow.output.splitlines() if line[:1] in "┏┃┡│└" and line.strip()]
+    assert table and max(len(line) for line in table) <= 80  # (the plot's path stays on one line, for grep)
+    first_column = "".join(line.split("│")[1].strip() for line in table if line.startswith("│"))
+    assert "tiny(tests)" in first_column.replace(" ", "")  # a long name folds over lines, never is cut
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(

@@ -58,9 +58,18 @@ def compare_runs(
     def col(name: str) -> pd.Series:
         return runs[name] if name in runs.columns else pd.Series([math.nan] * len(runs), index=runs.index)
 
-    def worst(suffix: str) -> pd.Series:
+    def worst(suffix: str) -> tuple[pd.Series, pd.Series]:
+        """The largest gap over group columns, and which group column it is (``metrics.test/fair/<col>/<gap>``)."""
         cols = [c for c in runs.columns if c.startswith(f"metrics.{split}/fair/") and c.endswith(suffix)]
-        return runs[cols].max(axis=1) if cols else pd.Series([math.nan] * len(runs), index=runs.index)
+        if not cols:
+            empty = pd.Series([math.nan] * len(runs), index=runs.index)
+            return empty, pd.Series([""] * len(runs), index=runs.index)
+        values = runs[cols]
+        where = values.fillna(-math.inf).idxmax(axis=1).map(lambda c: c.split("/fair/", 1)[1].rsplit("/", 1)[0])
+        return values.max(axis=1), where.where(values.notna().any(axis=1), "")
+
+    max_gap, max_gap_column = worst("/max_gap")
+    eq_opp, eq_opp_column = worst("/eq_opp_gap")
 
     table = pd.DataFrame(
         {
@@ -68,6 +77,7 @@ def compare_runs(
             "run_name": col("tags.mlflow.runName"),
             "experiment": runs["experiment_id"].map(names),
             "dataset": col("tags.dataset"),
+            "protocol": col("tags.protocol"),
             "backbone": col("tags.backbone"),
             metric: runs[column],
             f"{metric}_ci_low": col(f"metrics.{split}/{metric}_ci_low"),
@@ -75,8 +85,10 @@ def compare_runs(
             "mean_class_acc": col(f"metrics.{split}/mean_class_acc"),
             "macro_f1": col(f"metrics.{split}/macro_f1"),
             "ece": col(f"metrics.{split}/ece"),
-            "max_group_gap": worst("/max_gap"),
-            "eq_opp_gap": worst("/eq_opp_gap"),
+            "max_group_gap": max_gap,
+            "max_group_gap_column": max_gap_column,
+            "eq_opp_gap": eq_opp,
+            "eq_opp_gap_column": eq_opp_column,
         }
     )
     ascending = metric in ("ece", "nll", "brier")
