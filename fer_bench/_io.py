@@ -36,6 +36,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         # mkstemp makes the file 0600; a result or checkpoint gets the permissions of any other file the user writes
         os.chmod(tmp_path, 0o666 & ~_umask())
+        # on disk before the rename: a power cut must leave the old file or the whole new one, not an empty one
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -129,3 +129,37 @@ def test_verify_says_what_it_converts_and_flags_tiny_images(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "1 image(s) grey, read as RGB" in result.output and "1 image(s) 16-bit, scaled to 8-bit" in result.output
     assert "dot.png: 1x1 px, below the 16-px minimum" in result.output
+
+
+def test_git_sha_is_fer_benchs_own_commit_from_any_folder(tmp_path):
+    """Recorded in every result: the commit of the fer_bench code that ran, not of the caller's working folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    code = "from fer_bench.provenance import git_sha; print(git_sha())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True, timeout=60
+    ).stdout.strip()
+    if head:  # a git checkout (CI's clone is one)
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
+        assert out == head + ("-dirty" if dirty else "")
+    else:
+        assert out == "unknown"
+
+
+def test_atomic_writes_keep_normal_permissions(tmp_path):
+    import os
+
+    from fer_bench._io import atomic_write_text
+
+    target = tmp_path / "report.md"
+    atomic_write_text(target, "hello")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "hello" and (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left
