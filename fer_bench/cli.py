@@ -1078,16 +1078,11 @@ def data_prepare(
     with ferbench eval --cache FOLDER.
     """
     from fer_bench.data.cache import check_cache_folder, describe_alignment
-    from fer_bench.data.prepare import LANDMARK_SOURCES, SELECTIONS, cache_alignment, outcome_text, prepare_aligned
+    from fer_bench.data.prepare import cache_alignment, check_alignment_choices, outcome_text, prepare_aligned
     from fer_bench.errors import ConfigError
-    from fer_bench.faces import get_template
     from fer_bench.runtime import resolve_device
 
-    get_template(align)
-    if landmarks not in LANDMARK_SOURCES:
-        raise ConfigError(f"--landmarks: expected {' or '.join(LANDMARK_SOURCES)}, got {landmarks!r}")
-    if select not in SELECTIONS:
-        raise ConfigError(f"--select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+    check_alignment_choices(template=align, landmarks=landmarks, select=select)
     if landmarks == "dataset" and (detector != "mtcnn" or detector_weights is not None):
         raise ConfigError("--detector/--detector-weights: not used with --landmarks dataset (no detection is run)")
     if out is not None:

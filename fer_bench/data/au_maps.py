@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fer_bench.faces.align import fit_68_from_5, five_from_68
+
 #: The paper's expression → AU codebook (FACS numbers).
 CODEBOOK: dict[str, tuple[int, ...]] = {
     "happiness": (6, 12, 25),
@@ -176,13 +178,9 @@ def template_landmarks(height: int, width: int | None = None) -> np.ndarray:
     return mean_face_landmarks() * np.array([width or height, height], dtype=np.float64)
 
 
-_FIVE_FROM_68 = ((36, 42), (42, 48), (30, 31), (48, 49), (54, 55))  # eye centres, nose tip, mouth corners
-
-
 def five_point(points68: np.ndarray) -> np.ndarray:
     """The 5 points (image-left eye, image-right eye, nose, left and right mouth corner) of 68 landmarks."""
-    p = np.asarray(points68, dtype=np.float64)
-    return np.stack([p[a:b].mean(axis=0) for a, b in _FIVE_FROM_68])
+    return five_from_68(np.asarray(points68, dtype=np.float64))
 
 
 def fit_template(points5: np.ndarray, size: int = 1) -> np.ndarray:
@@ -193,15 +191,8 @@ def fit_template(points5: np.ndarray, size: int = 1) -> np.ndarray:
         >>> bool(np.allclose(fit_template(five_point(t) * 2 + 3), t * 2 + 3))
         True
     """
-    src = five_point(template_landmarks(size))
-    dst = np.asarray(points5, dtype=np.float64).reshape(5, 2)
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    s, d = src - mu_s, dst - mu_d
-    u, sigma, vt = np.linalg.svd(d.T @ s / len(src))
-    sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
-    rotation = u @ sign @ vt
-    scale = float(np.trace(np.diag(sigma) @ sign) / (s**2).sum() * len(src))
-    return (template_landmarks(size) - mu_s) @ (scale * rotation).T + mu_d
+    five = np.asarray(points5, dtype=np.float64).reshape(1, 5, 2)
+    return fit_68_from_5(five, mean_shape=template_landmarks(size))[0]
 
 
 def landmarks68(points: np.ndarray | None) -> tuple[np.ndarray | None, int]:

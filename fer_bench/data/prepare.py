@@ -42,20 +42,25 @@ from fer_bench.data.cache import (
 from fer_bench.data.manifest import DatasetInfo, landmarks_array
 from fer_bench.errors import ConfigError, DataError
 from fer_bench.faces import alignment_matrices, fit_68_from_5, five_from_68, get_template
+from fer_bench.options import check_choice
 
 LANDMARK_SOURCES = ("detector", "dataset")
 SELECTIONS = ("largest", "confident", "drop")
+
+
+def check_alignment_choices(*, template: str, landmarks: str, select: str) -> None:
+    """ConfigError (UnknownNameError for the template, with suggestions) naming a choice that does not exist;
+    callable before any work is done."""
+    get_template(template)
+    check_choice("--landmarks", landmarks, LANDMARK_SOURCES)
+    check_choice("--select", select, SELECTIONS)
 
 
 def alignment_parameters(
     *, template: str, landmarks: str, detector=None, select: str = "largest", detector_options: dict | None = None
 ) -> dict[str, Any]:
     """What an aligned cache is made with (part of its identity: change any of it and the cache is rebuilt)."""
-    get_template(template)  # UnknownNameError with suggestions
-    if landmarks not in LANDMARK_SOURCES:
-        raise ConfigError(f"landmarks: expected one of {', '.join(LANDMARK_SOURCES)}, got {landmarks!r}")
-    if select not in SELECTIONS:
-        raise ConfigError(f"select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+    check_alignment_choices(template=template, landmarks=landmarks, select=select)
     if landmarks == "detector" and detector is None:
         raise ConfigError("landmarks=detector needs a detector (--detector retinaface|mtcnn)")
     parameters: dict[str, Any] = {"template": template, "landmarks": landmarks}

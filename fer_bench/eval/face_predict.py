@@ -25,9 +25,10 @@ import pandas as pd
 import torch
 
 from fer_bench._io import atomic_path, atomic_write_bytes, is_utf8_name, shown_path
+from fer_bench.data.dataset import decode_image
 from fer_bench.data.device_augment import normalize
 from fer_bench.errors import ConfigError, DataError
-from fer_bench.faces import LANDMARK_NAMES, Faces, IoUTracker, umeyama, warp_faces
+from fer_bench.faces import LANDMARK_NAMES, IoUTracker, umeyama, warp_faces
 from fer_bench.faces.align import scale_points
 from fer_bench.faces.detection import batched
 from fer_bench.runtime import autocast, autocast_dtype
@@ -95,11 +96,7 @@ def read_photo(path: Path) -> np.ndarray:
             else "over 179 megapixels"
         )
         raise DataError(f"{path}: {size}, above the {MAX_PIXELS / 1e6:.0f}-MP limit for one photo; downscale it first")
-    data = np.fromfile(str(path), dtype=np.uint8) if path.stat().st_size else np.zeros(0, np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise DataError(f"{path}: not a readable image (empty, truncated or not an image format OpenCV decodes)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return decode_image(path)  # the dataset loaders' own decoder: the same errors, the same RGB conversion
 
 
 def photo_frames(paths: Sequence[Path]) -> Iterator[Frame]:
@@ -242,8 +239,8 @@ class FacePredictor:
         self.tracker = IoUTracker() if track else None
 
     @torch.no_grad()
-    def __call__(self, frames: list[Frame]) -> tuple[list[dict[str, Any]], list[Faces], list[np.ndarray]]:
-        """Records for every face in ``frames``, each frame's detections, and each frame's track/face ids."""
+    def __call__(self, frames: list[Frame]) -> list[dict[str, Any]]:
+        """One record (a table row) per face found in ``frames``."""
         detections = self.detector.detect([f.image for f in frames])
         crops, owners = [], []
         # same-size frames (a video) are warped together on the device; photos one size at a time
@@ -263,7 +260,7 @@ class FacePredictor:
         if self.tracker is not None:
             ids = [self.tracker.update(d.boxes) for d in detections]
         if not owners:
-            return [], detections, ids
+            return []
         batch = torch.cat(crops)  # [K, 3, S, S] uint8
         with autocast(self.device, self.amp_dtype):
             logits = self.model(normalize(batch.float()))["logits"]
@@ -292,7 +289,7 @@ class FacePredictor:
             record["label"] = self.label_names[int(p.argmax())]
             record["confidence"] = float(p.max())
             records.append(record)
-        return records, detections, ids
+        return records
 
 
 @dataclass
@@ -327,7 +324,7 @@ def predict_media(
         writer = VideoOverlay(overlay / f"{video.stem}{OVERLAY_SUFFIX}.mp4", fps=video_facts.fps)
     try:
         for batch in batched(frames, batch_size):
-            found, _, _ = predictor(batch)
+            found = predictor(batch)
             records.extend(found)
             by_frame: dict[tuple[str, int], list[dict[str, Any]]] = {}
             for record in found:

@@ -100,7 +100,7 @@ def list_templates() -> list[str]:
     return TEMPLATES.names()
 
 
-def umeyama(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def umeyama(source: torch.Tensor, target: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Least-squares similarity transforms mapping ``source`` points onto ``target`` points.
 
     For each batch item, finds scale s, rotation R (det +1) and translation t minimising
@@ -112,8 +112,10 @@ def umeyama(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         source: [B, N, 2] or [N, 2] points (N >= 2).
         target: [B, N, 2] or [N, 2] points (broadcast against ``source``).
 
+        dtype: Of the result (computed in float64 either way).
+
     Returns:
-        float32 [B, 2, 3] matrices M (pixels to pixels), so that target ~= M @ [x, y, 1].
+        [B, 2, 3] matrices M (pixels to pixels), so that target ~= M @ [x, y, 1].
 
     Example:
         >>> p = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -138,7 +140,7 @@ def umeyama(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     scale = (singular * d).sum(dim=1) / variance.clamp_min(1e-12)
     translation = mean_dst.squeeze(1) - scale[:, None] * (rotation @ mean_src.squeeze(1)[..., None]).squeeze(-1)
     matrix = torch.cat([scale[:, None, None] * rotation, translation[..., None]], dim=2)
-    return matrix.to(torch.float32)
+    return matrix.to(dtype)
 
 
 def alignment_matrices(landmarks: np.ndarray | torch.Tensor, *, template: str, size: int) -> torch.Tensor:
@@ -150,11 +152,17 @@ def alignment_matrices(landmarks: np.ndarray | torch.Tensor, *, template: str, s
 
 
 def transform_points(points: np.ndarray | torch.Tensor, matrices: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Points [K, P, 2] moved by matrices [K, 2, 3]: M @ [x, y, 1] per point; returns float32 [K, P, 2]."""
-    pts = np.asarray(points, np.float64)
+    """Points [K, P, 2] moved by matrices [K, 2, 3]: M @ [x, y, 1] per point; [K, P, 2], float64 for float64
+    points, else float32."""
+    given = np.asarray(points)
     m = np.asarray(matrices, np.float64).reshape(-1, 2, 3)
-    pts = pts.reshape(len(m), -1, 2)
-    return (pts @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]).astype(np.float32)
+    pts = given.astype(np.float64).reshape(len(m), -1, 2)
+    return (pts @ m[:, :, :2].transpose(0, 2, 1) + m[:, None, :, 2]).astype(_float_type(given))
+
+
+def _float_type(array: np.ndarray) -> np.dtype:
+    """float64 stays float64; everything else (ints, float32, float16) becomes float32."""
+    return np.dtype(np.float64) if array.dtype == np.float64 else np.dtype(np.float32)
 
 
 def antialias_factor(matrix: np.ndarray | torch.Tensor) -> int:
@@ -279,18 +287,23 @@ MEAN_SHAPE_68 = np.array(
 
 def five_from_68(points: np.ndarray) -> np.ndarray:
     """The five alignment points of 68-point landmarks [..., 68, 2]: eye centres (mean of 36-41 and of 42-47),
-    nose tip (30), mouth corners (48, 54), in ``LANDMARK_NAMES`` order (image-left first)."""
-    pts = np.asarray(points, np.float32)
+    nose tip (30), mouth corners (48, 54), in ``LANDMARK_NAMES`` order (image-left first); float64 for float64 input,
+    else float32."""
+    given = np.asarray(points)
+    pts = given.astype(_float_type(given))
     return np.stack(
         [pts[..., 36:42, :].mean(-2), pts[..., 42:48, :].mean(-2), pts[..., 30, :], pts[..., 48, :], pts[..., 54, :]],
         axis=-2,
     )
 
 
-def fit_68_from_5(landmarks: np.ndarray) -> np.ndarray:
-    """A 68-point shape for faces known by five points [K, 5, 2]: the mean shape moved by the similarity that best
-    maps its own five points onto the given ones (rigid: region priors, not expression geometry). float32 [K, 68, 2].
+def fit_68_from_5(landmarks: np.ndarray, *, mean_shape: np.ndarray = MEAN_SHAPE_68) -> np.ndarray:
+    """A 68-point shape for faces known by five points [K, 5, 2]: ``mean_shape`` (68 points, iBUG order; default
+    CMU OpenFace's) moved by the least-squares similarity that best maps its own five points onto the given ones
+    (rigid: region priors, not expression geometry). [K, 68, 2], float64 for float64 landmarks, else float32.
     """
-    five = np.asarray(landmarks, np.float32).reshape(-1, 5, 2)
-    matrices = umeyama(torch.from_numpy(five_from_68(MEAN_SHAPE_68)), torch.from_numpy(five)).numpy()
-    return transform_points(np.broadcast_to(MEAN_SHAPE_68, (len(five), 68, 2)), matrices)
+    given = np.asarray(landmarks)
+    five = given.astype(np.float64).reshape(-1, 5, 2)
+    shape = np.asarray(mean_shape, np.float64)
+    matrices = umeyama(torch.from_numpy(five_from_68(shape)), torch.from_numpy(five), dtype=torch.float64).numpy()
+    return transform_points(np.broadcast_to(shape, (len(five), 68, 2)), matrices).astype(_float_type(given))

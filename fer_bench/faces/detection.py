@@ -6,6 +6,7 @@ landmarks in that image's pixels, in the order the alignment templates use (``LA
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,8 +53,9 @@ class Faces:
         return Faces(self.boxes[keep], self.scores[keep], self.landmarks[keep])
 
 
-class FaceDetector:
-    """Base class. Subclasses set ``name``, ``weights_sha256``, ``weights_source`` and implement :meth:`detect`.
+class FaceDetector(abc.ABC):
+    """Base class. Subclasses set ``name``, ``weights_sha256``, ``weights_source`` and implement :meth:`detect`
+    and :meth:`to`.
 
     ``detect`` takes a list of RGB uint8 [H, W, 3] arrays (sizes may differ) and returns one :class:`Faces` per
     image, computed in batches on ``self.device``; results do not depend on how images are batched.
@@ -64,8 +66,9 @@ class FaceDetector:
     weights_source: str = ""
     device: torch.device = torch.device("cpu")
 
+    @abc.abstractmethod
     def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
-        raise NotImplementedError
+        """One :class:`Faces` per RGB uint8 [H, W, 3] image."""
 
     def check_images(self, images: Sequence[np.ndarray], *, allow_empty: bool = True) -> None:
         """ValueError naming the first input that is not an RGB uint8 [H, W, 3] array (or is empty, when not
@@ -78,8 +81,9 @@ class FaceDetector:
             if not allow_empty and (image.shape[0] == 0 or image.shape[1] == 0):
                 raise ValueError(f"{self.name}: image {index} is empty ({image.shape})")
 
+    @abc.abstractmethod
     def to(self, device: str | torch.device) -> FaceDetector:
-        raise NotImplementedError
+        """Move the network to ``device``; returns self."""
 
     def describe(self) -> dict[str, Any]:
         """What a cache or a predictions table records about the detector."""

@@ -577,13 +577,7 @@ def _run_chunked(network: nn.Module, crops: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def create_mtcnn(
-    *,
-    weights: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    min_face_size: int = 20,
-    thresholds: Sequence[float] = (0.6, 0.7, 0.7),
-    factor: float = 0.709,
-    batch_size: int = 16,
+    *, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu", **options: Any
 ) -> MTCNNDetector:
     """The registered factory: MTCNN with facenet-pytorch's released weights on ``device``.
 
@@ -591,19 +585,13 @@ def create_mtcnn(
         weights: A facenet-pytorch wheel (``facenet_pytorch-2.6.0-py3-none-any.whl``, read as a zip) or a folder
             holding pnet.pt, rnet.pt and onet.pt. None looks for an installed facenet_pytorch (without importing
             it), then a ``facenet_pytorch-*.whl`` in ``weights_dir()``, then ``weights_dir()/mtcnn/``.
-        Other arguments: see :class:`MTCNNDetector` (the defaults are facenet-pytorch's).
+        options: :class:`MTCNNDetector`'s settings (``min_face_size``, ``thresholds``, ``factor``, ``batch_size``;
+            the defaults are facenet-pytorch's).
 
     Raises:
         WeightsUnavailableError: missing, corrupt or foreign weights (one line, with the remedy).
     """
-    return MTCNNDetector(
-        read_weights(resolve_weights(weights)),
-        device=device,
-        min_face_size=min_face_size,
-        thresholds=thresholds,
-        factor=factor,
-        batch_size=batch_size,
-    )
+    return MTCNNDetector(read_weights(resolve_weights(weights)), device=device, **options)
 
 
 def identify_weights(weights: str | os.PathLike | None) -> tuple[str, str]:

@@ -556,15 +556,9 @@ def create_retinaface(
     *,
     weights: str | os.PathLike | None,
     device: str | torch.device = "cpu",
-    max_size: int = 640,
-    score_threshold: float = 0.7,
-    nms_iou: float = 0.4,
-    top_k: int = 750,
-    batch_size: int = 16,
-    precision: str = "auto",
-    pre_nms_top_k: int | None = 5000,
     allow_download: bool = True,
     download_timeout: float = 30.0,
+    **options: Any,
 ) -> RetinaFaceDetector:
     """The registered factory: RetinaFace ResNet-50 with the released weights on ``device``.
 
@@ -573,23 +567,14 @@ def create_retinaface(
             None looks for the zip in torch's hub checkpoints folder and in ``weights_dir()``, then downloads it into
             the hub folder unless ``allow_download`` is False.
         download_timeout: Seconds any one network operation may wait during the download.
-        Other arguments: see :class:`RetinaFaceDetector`.
+        options: :class:`RetinaFaceDetector`'s settings (``max_size``, ``score_threshold``, ``nms_iou``, ``top_k``,
+            ``batch_size``, ``precision``, ``pre_nms_top_k``).
 
     Raises:
         WeightsUnavailableError: missing, undownloadable, corrupt or foreign weights (one line, with the remedy).
     """
     path = resolve_weights(weights, allow_download=allow_download, timeout=download_timeout)
-    return RetinaFaceDetector.from_file(
-        path,
-        device=device,
-        max_size=max_size,
-        score_threshold=score_threshold,
-        nms_iou=nms_iou,
-        top_k=top_k,
-        batch_size=batch_size,
-        precision=precision,
-        pre_nms_top_k=pre_nms_top_k,
-    )
+    return RetinaFaceDetector.from_file(path, device=device, **options)
 
 
 def identify_weights(weights: str | os.PathLike | None) -> tuple[str, str]:
