@@ -31,6 +31,28 @@ def resample_counts(counts: np.ndarray, *, n_resamples: int, seed: int) -> np.nd
     return rng.multinomial(total, flat / flat.sum(), size=n_resamples).reshape(n_resamples, *counts.shape)
 
 
+def resample_within(counts: np.ndarray, *, n_resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates [B, G, ...] of a count array [G, ...], each leading slice resampled with its total fixed.
+
+    The stratified bootstrap of per-group confusion matrices: every group keeps its size n_g in every replicate, so
+    no small group goes empty, which a joint multinomial over all groups allows (statistics.md §A3).
+
+    Example:
+        >>> r = resample_within(np.array([[[3, 1], [0, 4]], [[1, 0], [0, 1]]]), n_resamples=4, seed=0)
+        >>> r.shape, r.sum(axis=(2, 3))[:, 0].tolist(), r.sum(axis=(2, 3))[:, 1].tolist()
+        ((4, 2, 2, 2), [8, 8, 8, 8], [2, 2, 2, 2])
+    """
+    counts = np.asarray(counts)
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n_resamples, *counts.shape), dtype=np.int64)
+    for g in range(counts.shape[0]):
+        flat = counts[g].reshape(-1).astype(np.float64)
+        total = int(flat.sum())
+        if total:
+            out[:, g] = rng.multinomial(total, flat / total, size=n_resamples).reshape(n_resamples, *counts.shape[1:])
+    return out
+
+
 def percentile_interval(samples: np.ndarray, *, level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` percentile interval of bootstrap samples, ignoring NaN replicates.
 

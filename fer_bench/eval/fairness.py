@@ -23,7 +23,6 @@ from fer_bench.eval.metrics import (
     mean_class_accuracy_from_cm,
     nanmean,
     recall_from_cm,
-    row_normalize,
 )
 
 #: Group values kept in per-group tables but left out of gaps (not a demographic group one can compare).
@@ -45,14 +44,104 @@ def group_confusions(
     return np.bincount(code, minlength=num_groups * k * k).reshape(num_groups, k, k)
 
 
-def _group_range(values: np.ndarray, eligible: np.ndarray, axis: int) -> np.ndarray:
-    """max − min over the eligible, non-NaN entries along the group ``axis``; NaN with fewer than two."""
-    mask_shape = [1] * values.ndim
-    mask_shape[axis] = -1
-    ok = ~np.isnan(values) & eligible.reshape(mask_shape)
-    high = np.where(ok, values, -np.inf).max(axis=axis)
-    low = np.where(ok, values, np.inf).min(axis=axis)
-    return np.where(ok.sum(axis=axis) >= 2, high - low, np.nan)
+def rate_counts(cm_g: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (numerator, denominator) counts of the rate a gap compares across groups, each ``[..., G, C]``.
+
+    ``kind``: ``accuracy`` (C = 1: correct / n_g), ``prediction`` (C = K: predicted as c / n_g), ``recall``
+    (C = K: correct in true class c / n_{g,c}) or ``confusion`` (C = K²: cell (c, j) / n_{g,c}).
+
+    Example:
+        >>> num, den = rate_counts(np.array([[[3, 1], [0, 4]]]), "recall")
+        >>> num.tolist(), den.tolist()
+        ([[3.0, 4.0]], [[4.0, 4.0]])
+    """
+    cm = np.asarray(cm_g, dtype=np.float64)
+    k = cm.shape[-1]
+    n = cm.sum(axis=(-2, -1))[..., None]  # [..., G, 1]
+    if kind == "accuracy":
+        return np.trace(cm, axis1=-2, axis2=-1)[..., None], n
+    if kind == "prediction":
+        num = cm.sum(axis=-2)
+        return num, np.broadcast_to(n, num.shape)
+    if kind == "recall":
+        return np.diagonal(cm, axis1=-2, axis2=-1).copy(), cm.sum(axis=-1)
+    if kind == "confusion":
+        return cm.reshape(*cm.shape[:-2], k * k), np.repeat(cm.sum(axis=-1), k, axis=-1)
+    raise ValueError(f"kind: expected accuracy, prediction, recall or confusion, got {kind!r}")
+
+
+def rates(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where the denominator is 0 (a group without data in that cell)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _valid_cells(r: np.ndarray) -> np.ndarray:
+    """Cells ([..., C]) with at least two groups that have data: the cells a gap is defined on."""
+    return (~np.isnan(r)).sum(axis=-2) >= 2
+
+
+def range_over_groups(r: np.ndarray) -> np.ndarray:
+    """mean_c [max_g r_gc − min_g r_gc] over the cells where at least two groups have data; ``r`` is [..., G, C].
+
+    Example:
+        >>> round(float(range_over_groups(np.array([[0.9, 0.5], [0.7, np.nan]]))), 6)
+        0.2
+    """
+    ok = ~np.isnan(r)
+    high = np.where(ok, r, -np.inf).max(axis=-2)
+    low = np.where(ok, r, np.inf).min(axis=-2)
+    return nanmean(np.where(_valid_cells(r), high - low, np.nan), axis=-1)
+
+
+def min_over_groups(r: np.ndarray) -> np.ndarray:
+    """min_g r_g of a one-cell rate [..., G, 1] (worst-group accuracy); NaN when no group has data."""
+    ok = ~np.isnan(r[..., 0])
+    low = np.where(ok, r[..., 0], np.inf).min(axis=-1)
+    return np.where(ok.any(axis=-1), low, np.nan)
+
+
+def ratio_over_groups(r: np.ndarray) -> np.ndarray:
+    """min_g r_g / max_g r_g of a one-cell rate [..., G, 1]; NaN with fewer than two groups or a zero maximum."""
+    ok = ~np.isnan(r[..., 0])
+    high = np.where(ok, r[..., 0], -np.inf).max(axis=-1)
+    low = np.where(ok, r[..., 0], np.inf).min(axis=-1)
+    good = (ok.sum(axis=-1) >= 2) & (high > 0)
+    return np.where(good, low / np.where(good, high, 1), np.nan)
+
+
+def relative_shortfall(r: np.ndarray) -> np.ndarray:
+    """mean_c [1 − mean_g r_gc / max_g r_gc] (overall disparity when r is per-class recall), [..., G, C] → [...].
+
+    Example:
+        >>> float(relative_shortfall(np.array([[1.0, 1.0], [1.0, 0.0]])))
+        0.25
+    """
+    ok = ~np.isnan(r)
+    high = np.where(ok, r, -np.inf).max(axis=-2)
+    mean = nanmean(np.swapaxes(r, -1, -2), axis=-1)
+    good = _valid_cells(r) & (high > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return nanmean(np.where(good, 1 - mean / np.where(good, high, 1), np.nan), axis=-1)
+
+
+#: Each gap: the rate it compares (:func:`rate_counts` kind), the functional over groups, and which way is worse
+#: ("higher" = a larger value means more disparity; "lower" = a smaller value does).
+GAP_DEFINITIONS: dict[str, tuple[str, object, str]] = {
+    "worst_group_acc": ("accuracy", min_over_groups, "lower"),
+    "max_gap": ("accuracy", range_over_groups, "higher"),
+    "min_max_ratio": ("accuracy", ratio_over_groups, "lower"),
+    "dem_parity_gap": ("prediction", range_over_groups, "higher"),
+    "eq_opp_gap": ("recall", range_over_groups, "higher"),
+    "eq_odds_gap": ("confusion", range_over_groups, "higher"),
+    "overall_disparity": ("recall", relative_shortfall, "higher"),
+}
+
+
+def gap_value(cm_g: np.ndarray, key: str) -> np.ndarray:
+    """One gap of :data:`GAP_DEFINITIONS` from per-group confusion matrices [..., G, K, K] (groups already chosen)."""
+    kind, functional, _ = GAP_DEFINITIONS[key]
+    return functional(rates(*rate_counts(cm_g, kind)))
 
 
 def per_group_metrics(cm_g: np.ndarray) -> dict[str, np.ndarray]:
@@ -67,14 +156,18 @@ def per_group_metrics(cm_g: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def fairness_gaps(cm_g: np.ndarray, eligible: np.ndarray) -> dict[str, np.ndarray]:
-    """Model-bias figures over the eligible groups, each of shape ``cm_g.shape[:-3]``.
+    """Model-bias figures (plug-in estimates) over the eligible groups, each of shape ``cm_g.shape[:-3]``.
 
     * ``worst_group_acc`` = min_g acc_g; ``max_gap`` = max_g acc_g − min_g acc_g; ``min_max_ratio`` = min / max;
     * ``fair_f1`` = mean_g macro-F1_g;
     * ``dem_parity_gap`` = mean_c [max_g − min_g] P(pred = c | g);
-    * ``eq_opp_gap`` = mean_c [max_g − min_g] recall_{g,c} (classes with support in at least two groups);
+    * ``eq_opp_gap`` = mean_c [max_g − min_g] recall_{g,c};
     * ``eq_odds_gap`` = mean over (true, pred) cells of [max_g − min_g] P(pred | true, g);
     * ``overall_disparity`` = mean_c mean_g (1 − recall_{g,c} / max_g recall_{g,c}).
+
+    Per-class gaps use the classes present in at least two groups. Max − min gaps of noisy group estimates are
+    biased upward (and the worst group and min/max ratio downward): ``fairness_inference`` gives corrected
+    estimates, intervals and chance levels.
 
     Example (two groups; group 1 never recognises class 1):
         >>> cm = np.array([[[5, 0], [0, 5]], [[5, 0], [5, 0]]])
@@ -82,32 +175,9 @@ def fairness_gaps(cm_g: np.ndarray, eligible: np.ndarray) -> dict[str, np.ndarra
         >>> [round(float(g[k]), 3) for k in ("max_gap", "eq_opp_gap", "dem_parity_gap", "overall_disparity")]
         [0.5, 0.5, 0.5, 0.25]
     """
-    eligible = np.asarray(eligible, dtype=bool)
-    metrics = per_group_metrics(cm_g)
-    acc = np.where(eligible, metrics["acc"], np.nan)
-    ok = ~np.isnan(acc)
-    high = np.where(ok, acc, -np.inf).max(axis=-1)
-    low = np.where(ok, acc, np.inf).min(axis=-1)
-    any_ok = ok.any(axis=-1)
-    two = ok.sum(axis=-1) >= 2
-    n = cm_g.sum(axis=(-2, -1)).astype(np.float64)[..., None]  # [..., G, 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        predicted = np.where(n > 0, cm_g.sum(axis=-2) / np.where(n > 0, n, 1), np.nan)  # [..., G, K]
-        recall = metrics["recall"]  # [..., G, K]
-        best = np.where(~np.isnan(recall) & eligible[:, None], recall, -np.inf).max(axis=-2, keepdims=True)
-        ratio = np.where(best > 0, recall / np.where(best > 0, best, 1), np.nan)
-        disparity_gc = np.where(eligible[:, None], 1 - ratio, np.nan)  # [..., G, K]
-        norm = row_normalize(cm_g)  # [..., G, K, K]
-        out = {
-            "worst_group_acc": np.where(any_ok, low, np.nan),
-            "max_gap": np.where(two, high - low, np.nan),
-            "min_max_ratio": np.where(two & (high > 0), low / np.where(high > 0, high, 1), np.nan),
-            "fair_f1": nanmean(np.where(eligible, metrics["macro_f1"], np.nan), axis=-1),
-            "dem_parity_gap": nanmean(_group_range(predicted, eligible, axis=-2), axis=-1),
-            "eq_opp_gap": nanmean(_group_range(recall, eligible, axis=-2), axis=-1),
-            "eq_odds_gap": nanmean(_group_range(norm.reshape(*norm.shape[:-2], -1), eligible, axis=-2), axis=-1),
-            "overall_disparity": nanmean(nanmean(np.swapaxes(disparity_gc, -1, -2), axis=-1), axis=-1),
-        }
+    chosen = np.asarray(cm_g)[..., np.asarray(eligible, dtype=bool), :, :]
+    out = {key: gap_value(chosen, key) for key in GAP_DEFINITIONS}
+    out["fair_f1"] = nanmean(macro_f1_from_cm(chosen), axis=-1)
     return out
 
 
