@@ -303,7 +303,7 @@ def cpu_quickstart(*, epochs: int, root: Path) -> tuple[list[dict], dict]:
     data, optim = recipe.data, recipe.optim
     device = torch.device("cpu")
     amp_dtype = autocast_dtype(recipe.runtime.precision, device)
-    augment = AugmentOptions(**data.augment.model_dump())
+    augment = data.augment
     raw = get_dataset("synthfer", root)
     cached = cached_dataset(raw, cache="auto", size=data.img_size, message=print)
 

@@ -200,8 +200,7 @@ def train(
 
 
 def _log_eval_run(results: dict, paths: dict, *, tracking_uri: str, experiment: str, run_name: str, tags: dict) -> None:
-    from fer_bench.eval import flat_metrics
-    from fer_bench.train.tracking import Tracker
+    from fer_bench.train.tracking import Tracker, flat_metrics
 
     tracker = Tracker(
         enabled=True,
@@ -353,7 +352,7 @@ def eval_(
     """
     from fer_bench.errors import ConfigError
     from fer_bench.eval import evaluate, get_protocol, write_report
-    from fer_bench.eval.evaluator import score_submission
+    from fer_bench.eval.submission import score_submission
 
     if (checkpoint is None) == (predictions is None):
         raise ConfigError("give exactly one of --checkpoint PATH or --predictions FILE.csv")
@@ -545,8 +544,7 @@ _DROPPED_OUTCOMES = ("dropped: no face", "dropped: several faces", "dropped: no 
 
 def _predict_dataset(checkpoint, dataset, *, root, cache, out, option, tta, batch_size, allow) -> None:
     from fer_bench.eval import get_protocol
-    from fer_bench.eval.evaluator import protocol_probabilities
-    from fer_bench.eval.submission import write_submission
+    from fer_bench.eval.submission import protocol_probabilities, write_submission
     from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
     from fer_bench.runtime import resolve_device
 
@@ -703,9 +701,8 @@ def leaderboard_submit(
 ) -> None:
     """Score a submission and add it to leaderboards/<protocol>.csv (atomic; the same file twice is refused)."""
     from fer_bench.eval import get_protocol, load_protocol_data, write_report
-    from fer_bench.eval.evaluator import score_submission
     from fer_bench.eval.leaderboard import add_entry, entry_from_results, leaderboard_path
-    from fer_bench.eval.submission import read_meta
+    from fer_bench.eval.submission import read_meta, score_submission
     from fer_bench.options import parse_key_values
 
     metadata = read_meta(meta)
@@ -798,7 +795,7 @@ def compare_cmd(
     if a is not None or b is not None:
         from fer_bench.errors import ConfigError
         from fer_bench.eval import get_protocol, load_protocol_data
-        from fer_bench.eval.evaluator import compare_submissions
+        from fer_bench.eval.submission import compare_submissions
 
         if a is None or b is None or root is None or dataset is None:
             raise ConfigError("a paired test needs --a, --b, --dataset and --root")

@@ -9,7 +9,7 @@ import torch
 from fer_bench.data import get_dataset
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate
-from fer_bench.eval.evaluator import label_alignment
+from fer_bench.eval.results import label_alignment
 from fer_bench.models import create_model
 from tests import formats
 
@@ -62,7 +62,8 @@ def test_compound_taxonomy_cannot_be_crossed(tmp_path):
 def test_eval_hooks_land_in_the_report(tiny_synthfer, tmp_path):
     """A head metric sees every batch with the model's outputs and lands in the results, the report and the flat
     MLflow names."""
-    from fer_bench.eval import EvalHook, flat_metrics, write_report
+    from fer_bench.eval import EvalHook, write_report
+    from fer_bench.train.tracking import flat_metrics
 
     info = get_dataset("synthfer", tiny_synthfer)
 

@@ -91,7 +91,7 @@ def test_training_split_bias_injection_is_measured(tiny_synthfer, tmp_path):
     """SynthFER's --bias ties skin tone to the label in the training split; the evaluator's dataset-bias figures
     show it (Cramér's V near 1) where the balanced split has none to speak of."""
     from fer_bench.data import SynthFERConfig, generate_synthfer
-    from fer_bench.eval.evaluator import train_split_bias
+    from fer_bench.eval.results import train_split_bias
 
     biased_root = tmp_path / "biased"
     generate_synthfer(

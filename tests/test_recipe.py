@@ -54,6 +54,27 @@ def test_overrides(tmp_path):
         load_recipe(path, ["model.colour=red"])
 
 
+def test_the_augment_section_is_the_data_layers_augment_options(tmp_path):
+    """One augmentation type: the recipe's data.augment is fer_bench.data.AugmentOptions, validated like any section
+    (unknown keys and out-of-range values named by their dotted path), and the data layer validates it alike."""
+    from pydantic import ValidationError
+
+    from fer_bench.data import AugmentOptions
+
+    recipe = load_recipe(_write(tmp_path, "data:\n  augment:\n    rotate: 5\n    occluders: 0.3\n"))
+    assert type(recipe.data.augment) is AugmentOptions
+    assert recipe.data.augment == AugmentOptions(rotate=5.0, occluders=0.3)
+    assert load_recipe(_write(tmp_path, "name: x\n")).data.augment == AugmentOptions()
+    with pytest.raises(ConfigError, match=r"data\.augment\.rotate: Input should be less than or equal to 45"):
+        load_recipe(_write(tmp_path, "data:\n  augment:\n    rotate: 50\n"))
+    with pytest.raises(ConfigError, match=r"data\.augment\.hflp: unknown key"):
+        load_recipe(_write(tmp_path, "data:\n  augment:\n    hflp: 0.3\n"))
+    with pytest.raises(ValidationError, match="hflp"):
+        AugmentOptions(hflp=0.3)
+    with pytest.raises(ValidationError, match="blur"):
+        AugmentOptions(blur=1.5)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -3,19 +3,18 @@ misspelt argument raises instead of being ignored (albumentations 2.0.8, the las
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
+from pydantic import BaseModel, ConfigDict, Field
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
-class AugmentOptions:
-    """Training augmentation strengths (probabilities; 0 turns a transform off).
+class AugmentOptions(BaseModel):
+    """Training augmentation strengths (probabilities; 0 turns a transform off): the data layer's options and the
+    recipe's ``data.augment`` section alike (unknown keys and out-of-range values are rejected).
 
     Attributes:
         hflip: Horizontal flip probability (applied by the dataset, which also swaps left/right landmarks).
@@ -29,15 +28,17 @@ class AugmentOptions:
             robustness baseline. The ``occlusion`` head's ``augment`` option replaces it.
     """
 
-    hflip: float = 0.5
-    affine: float = 0.7
-    rotate: float = 10.0
-    scale: float = 0.1
-    translate: float = 0.06
-    color: float = 0.5
-    blur: float = 0.0
-    erasing: float = 0.0
-    occluders: float = 0.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    affine: float = Field(0.7, ge=0, le=1)
+    rotate: float = Field(10.0, ge=0, le=45)
+    scale: float = Field(0.1, ge=0, lt=1)
+    translate: float = Field(0.06, ge=0, le=0.5)
+    color: float = Field(0.5, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=1)
+    erasing: float = Field(0.0, ge=0, le=1)
+    occluders: float = Field(0.0, ge=0, le=1)
 
 
 def create_transform(

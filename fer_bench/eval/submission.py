@@ -2,7 +2,8 @@
 
 The file is untrusted input: it is read as text with a size limit, every problem is collected by kind (missing,
 duplicate and unknown ids, bad class names, bad probabilities) and reported in one message, and ids are only
-compared with the protocol's ids, never used as paths.
+compared with the protocol's ids, never used as paths. A valid submission is scored exactly like a model's
+predictions (:func:`score_submission`); two are compared with a paired bootstrap (:func:`compare_submissions`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
-from fer_bench._io import atomic_write_text
+from fer_bench._io import atomic_write_text, sha256_file
+from fer_bench.data import DatasetInfo, FaceDataset, create_transform
 from fer_bench.errors import DataError
+from fer_bench.eval import bootstrap as B
+from fer_bench.eval.inference import predict, renormalize
+from fer_bench.eval.protocols import Protocol, protocol_rows
+from fer_bench.eval.results import HEADLINE, align_rows, label_alignment, score
+from fer_bench.models import FerModel
 
 MAX_SUBMISSION_BYTES = 64 * 2**20
 SUM_TOLERANCE = 1e-3
@@ -195,3 +203,98 @@ def read_meta(path: str | os.PathLike | None) -> dict[str, Any]:
     if not meta.get("model"):
         raise SubmissionError(f"{path}: field 'model' is required")
     return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring: a submission against the protocol's rows, two submissions against each other, a model's probabilities
+
+
+def score_submission(
+    path: str | os.PathLike,
+    info: DatasetInfo,
+    protocol: Protocol,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    min_group_size: int = 30,
+) -> dict[str, Any]:
+    """Validate a submission CSV against the protocol's rows and score it like a model's predictions."""
+    rows = protocol_rows(protocol, info)
+    scored = list(info.label_space.names)
+    submission = read_submission(path, expected_ids=rows["image_id"].astype(str).tolist(), label_names=tuple(scored))
+    probs = submission["probs"]
+    results = score(
+        info=info,
+        rows=rows,
+        scored=scored,
+        probs=probs,
+        y_pred=None if probs is not None else submission["y_pred"],
+        protocol=protocol,
+        split=protocol.split,
+        config={"submission": submission["kind"], "min_group_size": min_group_size},
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        min_group_size=min_group_size,
+    )
+    results["predictions"] = str(path)
+    results["submission_sha256"] = sha256_file(Path(path))
+    results["predictions_sha256"] = submission["content_sha256"]  # the board's duplicate check: content, not bytes
+    return results
+
+
+def protocol_probabilities(
+    model: FerModel,
+    info: DatasetInfo,
+    protocol: Protocol,
+    *,
+    img_size: int,
+    label_names: tuple[str, ...],
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    tta: str | None = None,
+    progress=None,
+) -> tuple[list[str], np.ndarray]:
+    """(ids, probabilities [N, K_dataset]) of ``model`` on every row of the protocol, ready for a submission.
+
+    Classes the model does not predict get probability 0; classes the dataset lacks are masked, the rest renormalised.
+    """
+    rows = protocol_rows(protocol, info)
+    dataset_names = list(info.label_space.names)
+    if not info.label_space.canonical and tuple(label_names) != tuple(dataset_names):
+        align_rows(rows, info, label_names)  # raises the taxonomy error
+    shared = [n for n in dataset_names if n in label_names]
+    if not shared:
+        label_alignment(tuple(label_names), tuple(dataset_names))  # raises "no class in common"
+    dataset = FaceDataset.from_info(
+        info, protocol.split, transform=create_transform(train=False, img_size=img_size), rows=rows
+    )
+    probs = predict(model, dataset, batch_size=batch_size, device=device, tta=tta, progress=progress)
+    full = np.zeros((len(rows), len(dataset_names)))
+    for name in shared:
+        full[:, dataset_names.index(name)] = probs[:, list(label_names).index(name)]
+    return rows["image_id"].astype(str).tolist(), renormalize(full)
+
+
+def compare_submissions(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    info: DatasetInfo,
+    protocol: Protocol,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Paired bootstrap test of two submissions on the same protocol rows: for accuracy, mean class accuracy and
+    macro-F1, the difference A − B, its CI and the p-value of "A beats B"."""
+    rows = protocol_rows(protocol, info)
+    names = tuple(info.label_space.names)
+    ids = rows["image_id"].astype(str).tolist()
+    a = read_submission(path_a, expected_ids=ids, label_names=names)["y_pred"]
+    b = read_submission(path_b, expected_ids=ids, label_names=names)["y_pred"]
+    y_true = rows["label"].to_numpy(np.int64)
+    return {
+        key: B.paired_bootstrap_test(
+            y_true, a, b, num_classes=len(names), statistic=fn, n_resamples=n_bootstrap, seed=seed
+        )
+        for key, fn in HEADLINE.items()
+    }

@@ -23,10 +23,9 @@ import yaml
 
 from fer_bench import __version__
 from fer_bench._io import atomic_write_text
-from fer_bench.data import AugmentOptions
 from fer_bench.data.prepare import face_framing
 from fer_bench.errors import ConfigError
-from fer_bench.eval import evaluate, flat_metrics, write_report
+from fer_bench.eval import evaluate, write_report
 from fer_bench.eval.protocols import protocol_of
 from fer_bench.models import FerModel, create_model, set_fused_attention
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -48,7 +47,7 @@ from fer_bench.train.checkpoints import BEST, LAST, check_best, clean_partial_wr
 from fer_bench.train.data_setup import build_loaders, dataset_for_run, describe_heads, resolve_loader
 from fer_bench.train.loop import EpochTally, train_steps, validate
 from fer_bench.train.recipe import Recipe, parse_interval, recipe_from_dict
-from fer_bench.train.tracking import Tracker, resume_tracker
+from fer_bench.train.tracking import Tracker, flat_metrics, resume_tracker
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +443,7 @@ class _Run:
             val_split=data.val_split,
             img_size=data.img_size,
             global_batch=recipe.optim.batch_size,
-            augment=AugmentOptions(**data.augment.model_dump()),
+            augment=data.augment,
             sampler=data.sampler,
             seed=rt.seed,
             workers=workers,

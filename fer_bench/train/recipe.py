@@ -10,28 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fer_bench.data.transforms import AugmentOptions
 from fer_bench.errors import ConfigError
 from fer_bench.options import parse_scalar
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class AugmentConfig(_Section):
-    """Training augmentation probabilities and ranges (see ``fer_bench.data.AugmentOptions``)."""
-
-    hflip: float = Field(0.5, ge=0, le=1)
-    affine: float = Field(0.7, ge=0, le=1)
-    rotate: float = Field(10.0, ge=0, le=45)
-    scale: float = Field(0.1, ge=0, lt=1)
-    translate: float = Field(0.06, ge=0, le=0.5)
-    color: float = Field(0.5, ge=0, le=1)
-    blur: float = Field(0.0, ge=0, le=1)
-    erasing: float = Field(0.0, ge=0, le=1)
-    occluders: float = Field(
-        0.0, ge=0, le=1
-    )  # synthetic occluders (fer_bench.data.occluders); the occlusion head's own
 
 
 class AlignConfig(_Section):
@@ -64,7 +49,7 @@ class DataConfig(_Section):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentOptions = AugmentOptions()  # the data layer's own type (fer_bench.data.AugmentOptions)
     # Prepared uint8 cache (fer_bench.data.cache): auto (built once under $FER_BENCH_CACHE_DIR or ~/.cache/fer_bench,
     # reused while the dataset is unchanged), off (decode the files every epoch), or a cache folder's path.
     cache: str = "auto"

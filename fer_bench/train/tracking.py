@@ -1,11 +1,16 @@
-"""MLflow tracking: the only module that imports mlflow. An unreachable store is reported once and training goes on."""
+"""MLflow tracking: the only module that imports mlflow. An unreachable store is reported once and training goes on.
+:func:`flat_metrics` names an evaluator result's figures for MLflow."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+from fer_bench.eval.results import FAIRNESS_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +211,37 @@ def resume_tracker(*, tracking_uri: str, run_id: str, warn=None) -> Tracker:
             "continuing without tracking"
         )
     return tracker
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MLflow names
+
+
+_METRIC_NAME = re.compile(r"[^\w\-. :/]")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def flat_metrics(results: dict[str, Any], prefix: str | None = None) -> dict[str, float]:
+    """Flat MLflow metric names: ``test/acc``, ``test/acc_ci_low``, ``test/group/race:asian/acc``,
+    ``test/fair/race/eq_opp_gap`` (MLflow allows no ``=`` in names, so ``:`` joins column and value)."""
+    prefix = prefix or results.get("split", "test")
+    out: dict[str, float] = {}
+    for key, value in results["metrics"].items():
+        out[f"{prefix}/{key}"] = value
+    for key, (low, high) in (results.get("ci") or {}).items():
+        out[f"{prefix}/{key}_ci_low"], out[f"{prefix}/{key}_ci_high"] = low, high
+    for column, table in results.get("groups", {}).items():
+        for value, row in table.items():
+            out[f"{prefix}/group/{column}:{value}/acc"] = row["acc"]
+    for column, gaps in results.get("fairness", {}).items():
+        for key in FAIRNESS_KEYS:
+            out[f"{prefix}/fair/{column}/{key}"] = gaps[key]["value"]
+    for name, values in (results.get("heads") or {}).items():
+        for key, value in values.items():
+            out[f"{prefix}/heads/{name}/{key}"] = value
+    for key, value in (results.get("robustness") or {}).get("drop", {}).items():
+        out[f"{prefix}/robustness/{key}_drop"] = value
+    return {_METRIC_NAME.sub("_", k): float(v) for k, v in out.items() if _finite(v)}

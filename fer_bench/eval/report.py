@@ -1,0 +1,250 @@
+"""The evaluator's outputs on disk: ``results.json`` (strict JSON), ``report.md`` and the plots
+(:mod:`fer_bench.eval.plots`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fer_bench._io import atomic_write_text
+from fer_bench.eval.plots import (
+    confusion_png,
+    group_accuracy_png,
+    group_columns_for_plots,
+    group_recall_png,
+    reliability_png,
+)
+from fer_bench.eval.results import FAIRNESS_KEYS, HEADLINE
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and inf become null (strict JSON); numpy scalars and arrays become Python values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def _ci_text(ci: list | None) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
+
+
+def _protocol_lines(protocol: dict | None) -> list[str]:
+    if not protocol:
+        return []
+    return [
+        f"- protocol: {protocol['name']} v{protocol['version']} — {protocol.get('description') or protocol['name']}"
+    ]
+
+
+def _faces_lines(faces: dict | None) -> list[str]:
+    if not faces:
+        return []
+    source = f"{faces['detector']} landmarks" if faces.get("landmarks") == "detector" else "the dataset's landmarks"
+    line = f"- faces: aligned to {faces['template']} ({source})"
+    dropped = faces.get("dropped") or {}
+    if dropped:
+        counts = ", ".join(f"{k} {v}" for k, v in dropped.items())
+        line += f"; **{sum(dropped.values())} image(s) of this split dropped** ({counts}): the scores cover the rest"
+    return [line]
+
+
+def _cross_dataset_lines(cross: dict[str, Any] | None) -> list[str]:
+    if not cross:
+        return []
+    lines = [
+        f"- cross-dataset: the model predicts {len(cross['model_classes'])} classes, the dataset has "
+        f"{len(cross['dataset_classes'])}; scored on the {len(cross['scored_classes'])} shared canonical classes"
+    ]
+    if cross["masked_logits"]:
+        lines.append(f"- masked model logits (not in the dataset): {', '.join(cross['masked_logits'])}")
+    if cross["dropped_rows"]:
+        dropped = ", ".join(f"{k} {v}" for k, v in cross["dropped_rows"].items())
+        lines.append(f"- dropped dataset rows (class not predicted by the model): {dropped}")
+    return lines
+
+
+def _report_md(results: dict[str, Any]) -> str:
+    m, ci = results["metrics"], results.get("ci") or {}
+    names = results["label_space"]["names"]
+    protocol = results.get("protocol") or {}
+    boot = results.get("bootstrap", {})
+    lines = [
+        f"# Evaluation: {protocol.get('name', results['dataset'])} / {results['split']}",
+        "",
+        *_protocol_lines(protocol),
+        f"- dataset: {results['dataset']} ({results.get('layout') or 'layout not recorded'})"
+        + (f"; splits: {results['dataset_splits']}" if results.get("dataset_splits") else ""),
+        f"- checkpoint / predictions: `{results.get('checkpoint') or results.get('predictions') or '-'}`",
+        f"- label space: {results['label_space']['name']} ({', '.join(names)})",
+        f"- images: {results['n']}; dataset hash `{results['dataset_hash'][:16]}…`",
+        f"- test time: {results['config'].get('test_time', '-')}, TTA {results['config'].get('tta', 'none')}"
+        + (f", perturbation {results['config']['perturb']}" if results["config"].get("perturb") else ""),
+        f"- fer_bench {results['fer_bench_version']} (git {str(results.get('git_sha', '-'))[:10]}), "
+        f"{results['created']}",
+        *_head_lines(results["config"].get("heads")),
+        *_faces_lines(results.get("faces")),
+        *_cross_dataset_lines(results.get("cross_dataset")),
+        "",
+        f"| metric | value | 95 % CI ({boot.get('n_resamples', 0)} bootstrap resamples, seed {boot.get('seed')}) |",
+        "|---|---|---|",
+    ]
+    labels = {
+        "acc": "accuracy",
+        "mean_class_acc": "mean class accuracy (balanced)",
+        "macro_f1": "macro-F1",
+        "weighted_f1": "weighted F1",
+        "top2_acc": "top-2 accuracy",
+        "nll": "NLL",
+        "brier": "Brier score",
+        "ece": "ECE (15 bins)",
+    }
+    for key, label in labels.items():
+        if key in m:
+            lines.append(f"| {label} | {_fmt(m[key])} | {_ci_text(ci.get(key))} |")
+    for name, values in (results.get("heads") or {}).items():
+        lines += ["", f"## Head metrics: {name}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {_fmt(value)} |" for key, value in values.items()]
+    if results.get("robustness"):
+        rob = results["robustness"]
+        lines += [
+            "",
+            f"## Robustness: {rob['perturbation']} (seed {rob['seed']})",
+            "",
+            "| metric | clean | perturbed | drop |",
+            "|---|---|---|---|",
+        ]
+        for key in HEADLINE:
+            lines.append(f"| {labels[key]} | {_fmt(rob['clean'][key])} | {_fmt(m[key])} | {_fmt(rob['drop'][key])} |")
+    lines += ["", "## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, r in results["per_class"].items():
+        lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
+    lines += [
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows are true classes, columns predictions (`confusion_matrix.png`).",
+        "",
+        "| true \\ pred | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for name, row in zip(names, results["confusion_matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    if results["groups"]:
+        lines += [
+            "",
+            "## Fairness",
+            "",
+            f"Groups with fewer than {results.get('min_group_size', 30)} images, and unknown/unsure values, are "
+            "shown in the tables but left out of every gap. Gaps: max − min across groups; parity gaps are means "
+            'over classes of max − min of per-group row-normalised confusion matrices (README, "Fairness").',
+            "",
+            "| column | groups compared | worst-group acc | max gap | min/max | fair F1 | dem. parity gap | "
+            "eq. opp. gap | eq. odds gap | overall disparity |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for column, f in results["fairness"].items():
+            cells = [f"{_fmt(f[k]['value'])} {_ci_text(f[k]['ci'])}" for k in FAIRNESS_KEYS]
+            lines.append(f"| {column} | {len(f['groups_compared'])} | " + " | ".join(cells) + " |")
+        for column, table in results["groups"].items():
+            if "+" in column:
+                continue
+            lines += [
+                "",
+                f"### {column}",
+                "",
+                "| group | n | acc (95 % CI) | mean class acc | macro-F1 | note |",
+                "|---|---|---|---|---|---|",
+            ]
+            for value, r in table.items():
+                lines.append(
+                    f"| {value} | {r['n']} | {_fmt(r['acc'])} {_ci_text(r['acc_ci'])} | "
+                    f"{_fmt(r['mean_class_acc'])} | {_fmt(r['macro_f1'])} | {r['excluded_from_gaps'] or ''} |"
+                )
+        lines += [
+            "",
+            "## Dataset bias of the scored rows",
+            "",
+            "| column | effective groups | evenness | Cramér's V (group × label) | largest residual |",
+            "|---|---|---|---|---|",
+        ]
+        for column, b in results["dataset_bias"].items():
+            residuals = [
+                (abs(v), g, c, v)
+                for g, row in b["residuals"].items()
+                for c, v in row.items()
+                if v is not None and math.isfinite(v)
+            ]
+            top = max(residuals) if residuals else None
+            worst = f"{top[1]} / {top[2]}: {top[3]:+.2f}" if top else "–"
+            lines.append(
+                f"| {column} | {_fmt(b['effective_groups'], 2)} | {_fmt(b['evenness'], 3)} | "
+                f"{_fmt(b['cramers_v'], 3)} | {worst} |"
+            )
+    if results.get("dataset_bias_train"):
+        lines += [
+            "",
+            "## Dataset bias of the training split",
+            "",
+            "Stereotypical bias here (a high Cramér's V) is what a model can learn as a shortcut.",
+            "",
+            "| column | n | effective groups | evenness | Cramér's V (group × label) |",
+            "|---|---|---|---|---|",
+        ]
+        for column, b in results["dataset_bias_train"].items():
+            lines.append(
+                f"| {column} | {b['n']} | {_fmt(b['effective_groups'], 2)} | {_fmt(b['evenness'], 3)} | "
+                f"{_fmt(b['cramers_v'], 3)} |"
+            )
+    if results["subsets"]:
+        lines += ["", "## Accuracy per subset", "", "| subset | in subset | n | accuracy |", "|---|---|---|---|"]
+        for column, table in results["subsets"].items():
+            for value, r in table.items():
+                lines.append(f"| {column} | {value} | {r['n']} | {r['acc']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _head_lines(heads: dict | None) -> list[str]:
+    """One report line per model head with its effective settings (e.g. whether anchors correct at test time)."""
+    return [
+        f"- head {name}: " + ", ".join(f"{key} {value}" for key, value in settings.items())
+        for name, settings in (heads or {}).items()
+    ]
+
+
+def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write results.json, report.md and the PNG plots into ``out_dir`` (atomically); return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = _jsonable(results)
+    paths = {"results": out / "results.json", "report": out / "report.md", "confusion": out / "confusion_matrix.png"}
+    atomic_write_text(paths["results"], json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["report"], _report_md(results))
+    confusion_png(paths["confusion"], np.asarray(results["confusion_matrix"]), results["label_space"]["names"])
+    if results.get("calibration"):
+        paths["reliability"] = out / "reliability.png"
+        reliability_png(paths["reliability"], results["calibration"], results["metrics"]["ece"])
+    if group_columns_for_plots(results):
+        paths["group_accuracy"] = out / "group_accuracy.png"
+        group_accuracy_png(paths["group_accuracy"], results)
+        paths["group_recall"] = out / "group_recall.png"
+        group_recall_png(paths["group_recall"], results)
+    return paths
