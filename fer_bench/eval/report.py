@@ -47,6 +47,35 @@ def _ci_text(ci: list | None) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
 
 
+GAP_LABELS = {
+    "worst_group_acc": "worst-group accuracy",
+    "max_gap": "max accuracy gap",
+    "min_max_ratio": "min/max accuracy ratio",
+    "fair_f1": "fair F1 (mean over groups; not a gap)",
+    "dem_parity_gap": "demographic parity gap",
+    "eq_opp_gap": "equal opportunity gap",
+    "eq_odds_gap": "equalized odds gap",
+    "overall_disparity": "overall disparity",
+}
+
+
+def _gap_row(key: str, gap: dict) -> str:
+    """One row of a fairness table: estimates, interval, chance level and what it means."""
+    arrow = {"upward": " (biased ↑)", "downward": " (biased ↓)"}.get(gap.get("bias") or "", "")
+    chance = gap.get("chance")
+    if chance:
+        pct = "95th" if gap.get("bias") == "upward" else "5th"
+        by_chance = f"{_fmt(chance['median'])} ({pct} {_fmt(chance['p95'])})"
+        p_text = f"{chance['p_value']:.3f}"
+        verdict = "not distinguishable from chance" if chance["within"] else "beyond chance"
+    else:
+        by_chance, p_text, verdict = "–", "–", ""
+    return (
+        f"| {GAP_LABELS.get(key, key)} | {_fmt(gap['value'])}{arrow if gap.get('value') is not None else ''} | "
+        f"{_fmt(gap.get('corrected'))} | {_ci_text(gap.get('ci'))} | {by_chance} | {p_text} | {verdict} |"
+    )
+
+
 def _protocol_lines(protocol: dict | None) -> list[str]:
     if not protocol:
         return []
@@ -154,16 +183,23 @@ def _report_md(results: dict[str, Any]) -> str:
             "## Fairness",
             "",
             f"Groups with fewer than {results.get('min_group_size', 30)} images, and unknown/unsure values, are "
-            "shown in the tables but left out of every gap. Gaps: max − min across groups; parity gaps are means "
-            'over classes of max − min of per-group row-normalised confusion matrices (README, "Fairness").',
-            "",
-            "| column | groups compared | worst-group acc | max gap | min/max | fair F1 | dem. parity gap | "
-            "eq. opp. gap | eq. odds gap | overall disparity |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "shown in the tables but left out of every gap. Gaps are max − min across groups (parity gaps: means over "
+            "classes of max − min of per-group rates). A max − min over noisy group estimates is biased upward (and "
+            "the worst group and min/max ratio downward), so each gap shows the plug-in, a bias-corrected estimate, "
+            "a 95 % bounded-root interval that contains both, and the gap expected by chance alone: the median of "
+            "the same statistic with group membership permuted (within true class for equal opportunity, "
+            "equalized odds and overall disparity), its 95th percentile (5th where lower is worse) and the "
+            'permutation p-value (README, "Fairness").',
         ]
         for column, f in results["fairness"].items():
-            cells = [f"{_fmt(f[k]['value'])} {_ci_text(f[k]['ci'])}" for k in FAIRNESS_KEYS]
-            lines.append(f"| {column} | {len(f['groups_compared'])} | " + " | ".join(cells) + " |")
+            lines += [
+                "",
+                f"### Gaps across {column} ({len(f['groups_compared'])} groups compared)",
+                "",
+                "| gap | plug-in | bias-corrected | 95 % interval | by chance: median (95th pct) | p | verdict |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [_gap_row(key, f[key]) for key in FAIRNESS_KEYS if key in f]
         for column, table in results["groups"].items():
             if "+" in column:
                 continue

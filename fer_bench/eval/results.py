@@ -22,11 +22,18 @@ from fer_bench.errors import ConfigError
 from fer_bench.eval import bootstrap as B
 from fer_bench.eval import fairness as F
 from fer_bench.eval import metrics as M
+from fer_bench.eval.fairness_inference import gap_inference
 from fer_bench.eval.protocols import Protocol
 from fer_bench.provenance import git_sha
 
 RESULTS_SCHEMA_VERSION = 2
 HEADLINE = {"acc": M.accuracy_from_cm, "mean_class_acc": M.mean_class_accuracy_from_cm, "macro_f1": M.macro_f1_from_cm}
+#: How the fairness figures are computed (recorded in results.json).
+FAIRNESS_METHOD = (
+    "plug-in + bootstrap bias correction; bounded-root interval from within-group resamples; "
+    "permutation chance level drawn on counts"
+)
+
 FAIRNESS_KEYS = (
     "worst_group_acc",
     "max_gap",
@@ -119,14 +126,19 @@ def group_report(
     min_group_size: int,
     level: float = 0.95,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Per-group table, fairness gaps (with CIs) and dataset bias for one group column."""
+    """Per-group table, fairness gaps and dataset bias for one group column.
+
+    Group accuracies get percentile CIs from a bootstrap that keeps each group's size; every gap gets the plug-in,
+    a bias-corrected estimate, a bounded-root interval holding both and its chance level under permutation
+    (``fairness_inference.gap_inference``, with ``n_bootstrap`` resamples and as many permutations).
+    """
     k = len(label_names)
     names, codes = np.unique(values, return_inverse=True)
     cm_g = F.group_confusions(y_true, y_pred, codes, num_groups=len(names), num_classes=k)
     point = F.per_group_metrics(cm_g)
     excluded = {str(v): _exclusion(str(v), int(n), min_group_size) for v, n in zip(names, point["n"], strict=True)}
     eligible = np.array([excluded[str(v)] is None for v in names])
-    replicates = B.resample_counts(cm_g, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else None
+    replicates = B.resample_within(cm_g, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else None
     rep_acc = M.accuracy_from_cm(replicates) if replicates is not None else None  # [B, G]
     table = {}
     for i, value in enumerate(names):
@@ -139,11 +151,9 @@ def group_report(
             "recall": {name: float(point["recall"][i, c]) for c, name in enumerate(label_names)},
             "excluded_from_gaps": excluded[str(value)],
         }
-    gaps = F.fairness_gaps(cm_g, eligible)
-    rep_gaps = F.fairness_gaps(replicates, eligible) if replicates is not None else None
-    fairness = {
-        key: {"value": float(gaps[key]), "ci": _ci(rep_gaps[key], level) if rep_gaps else None} for key in FAIRNESS_KEYS
-    }
+    fairness: dict[str, Any] = gap_inference(
+        cm_g, eligible=eligible, n_bootstrap=n_bootstrap, n_permutations=n_bootstrap, seed=seed, level=level
+    )
     fairness["groups_compared"] = [str(v) for v, e in zip(names, eligible, strict=True) if e]
     bias = F.dataset_bias(codes, y_true, num_groups=len(names), num_classes=k)
     dataset_bias = {
@@ -178,7 +188,8 @@ def compute_results(
     """Every metric of one prediction set as a JSON-ready dict (no I/O).
 
     Headline metrics carry ``level`` percentile bootstrap CIs (``n_bootstrap`` seeded resamples; 0 turns them off);
-    each group column (and each pair of them, as ``a+b``) gets a per-group table, fairness gaps with CIs and the
+    each group column (and each pair of them, as ``a+b``) gets a per-group table, fairness gaps (plug-in,
+    bias-corrected, bounded-root interval and chance level; ``fairness_inference``) and the
     dataset-bias figures of the scored rows. Groups below ``min_group_size`` or valued unknown/unsure stay in the
     tables, flagged, and are left out of the gaps.
     """
@@ -210,7 +221,13 @@ def compute_results(
         "n": int(len(y_true)),
         "metrics": metrics,
         "ci": ci,
-        "bootstrap": {"n_resamples": n_bootstrap, "seed": seed, "level": level, "method": "multinomial cell counts"},
+        "bootstrap": {
+            "n_resamples": n_bootstrap,
+            "seed": seed,
+            "level": level,
+            "method": "multinomial cell counts",
+            "fairness": FAIRNESS_METHOD,
+        },
         "per_class": {
             name: {
                 "precision": float(per_class["precision"][i]),

@@ -226,7 +226,9 @@ def _finite(value: Any) -> bool:
 
 def flat_metrics(results: dict[str, Any], prefix: str | None = None) -> dict[str, float]:
     """Flat MLflow metric names: ``test/acc``, ``test/acc_ci_low``, ``test/group/race:asian/acc``,
-    ``test/fair/race/eq_opp_gap`` (MLflow allows no ``=`` in names, so ``:`` joins column and value)."""
+    ``test/fair/race/eq_opp_gap`` (plug-in) with ``_corrected``, ``_ci_low``/``_ci_high``, ``_chance`` (median gap
+    under permutation) and ``_chance_p`` beside it (MLflow allows no ``=`` in names, so ``:`` joins column and
+    value)."""
     prefix = prefix or results.get("split", "test")
     out: dict[str, float] = {}
     for key, value in results["metrics"].items():
@@ -238,7 +240,14 @@ def flat_metrics(results: dict[str, Any], prefix: str | None = None) -> dict[str
             out[f"{prefix}/group/{column}:{value}/acc"] = row["acc"]
     for column, gaps in results.get("fairness", {}).items():
         for key in FAIRNESS_KEYS:
-            out[f"{prefix}/fair/{column}/{key}"] = gaps[key]["value"]
+            gap, name = gaps[key], f"{prefix}/fair/{column}/{key}"
+            out[name] = gap["value"]
+            if gap.get("corrected") is not None:
+                out[f"{name}_corrected"] = gap["corrected"]
+            if gap.get("ci"):
+                out[f"{name}_ci_low"], out[f"{name}_ci_high"] = gap["ci"]
+            if gap.get("chance"):
+                out[f"{name}_chance"], out[f"{name}_chance_p"] = gap["chance"]["median"], gap["chance"]["p_value"]
     for name, values in (results.get("heads") or {}).items():
         for key, value in values.items():
             out[f"{prefix}/heads/{name}/{key}"] = value
