@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,14 @@ def _umask() -> int:
     return 0o022
 
 
+def _mode_for(target: Path) -> int:
+    """The permission bits ``open(target, "w")`` leaves: the existing file's, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
@@ -34,8 +43,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp makes the file 0600; a result or checkpoint gets the permissions of any other file the user writes
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        # mkstemp makes the file 0600; the result gets what a plain open() would give: a replaced file keeps its
+        # mode, a new one gets 0666 less the umask
+        os.chmod(tmp_path, _mode_for(target))
         # on disk before the rename: a power cut must leave the old file or the whole new one, not an empty one
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())

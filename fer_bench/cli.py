@@ -136,7 +136,9 @@ class _CliCallbacks:
 @app.command()
 @_user_errors
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")],
+    recipe: Annotated[
+        str, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe (ferbench recipes lists them).")
+    ],
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe field: key.path=value (repeatable).")
     ] = None,
@@ -155,9 +157,10 @@ def train(
     rank 0 writes.
     """
     from fer_bench.runtime import launched_by_torchrun
-    from fer_bench.train import fit, load_recipe
+    from fer_bench.train import fit, load_recipe, resolve_recipe
 
-    config = load_recipe(recipe, set_ or [])
+    recipe_path = resolve_recipe(recipe)
+    config = load_recipe(recipe_path, set_ or [])
     if gpus is not None and not launched_by_torchrun():
         import subprocess
 
@@ -167,7 +170,7 @@ def train(
         from fer_bench.runtime import torchrun_command
 
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        args = ["train", str(recipe), *(x for item in set_ or [] for x in ("--set", item))]
+        args = ["train", str(recipe_path), *(x for item in set_ or [] for x in ("--set", item))]
         args += ["--resume"] if resume else []
         if gpus > available:
             import shlex
@@ -179,7 +182,7 @@ def train(
             )
         raise typer.Exit(subprocess.call(torchrun_command(gpus, args)))
     with _progress() as progress:
-        result = fit(config, resume=resume, callbacks=_CliCallbacks(progress), recipe_path=recipe)
+        result = fit(config, resume=resume, callbacks=_CliCallbacks(progress), recipe_path=recipe_path)
     out = result.output_dir
     stdout.print(f"best val accuracy {result.best_val_acc:.4f} at epoch {result.best_epoch + 1}; run folder {out}")
     if result.test_results:
@@ -193,6 +196,22 @@ def train(
         stdout.print(
             f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {config.tracking.tracking_uri}", highlight=False
         )
+
+
+@app.command("recipes")
+@_user_errors
+def recipes_cmd() -> None:
+    """The shipped recipes: name, what each trains, and what it needs (the dataset: --set data.root=DIR; a GPU;
+    pretrained weights: from the hub, or --set model.pretrained=FILE). Train one with ferbench train NAME."""
+    from fer_bench.train import shipped_recipes
+
+    table = Table(title="shipped recipes (ferbench train NAME --set key=value ...)", expand=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", overflow="fold", ratio=2)
+    table.add_column("needs", overflow="fold", ratio=1)
+    for recipe in shipped_recipes():
+        table.add_row(recipe.name, recipe.description, ", ".join(recipe.needs))
+    stdout.print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -696,22 +715,31 @@ def leaderboard_submit(
     root: DatasetRoot,
     meta: Annotated[Path, typer.Option("--meta", help="Sidecar YAML: model, backbone, params_m, pretrain, ...")],
     option: OptionList = None,
-    leaderboards: Annotated[Path | None, typer.Option("--leaderboards", help="Folder (default leaderboards/).")] = None,
+    boards: Annotated[
+        Path | None,
+        typer.Option(
+            "--boards",
+            "--leaderboards",
+            help="Your boards folder (default ./leaderboards when it exists here); created, and the protocol's "
+            "board seeded from the shipped one, on the first submission.",
+        ),
+    ] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples.")] = 1000,
 ) -> None:
-    """Score a submission and add it to leaderboards/<protocol>.csv (atomic; the same file twice is refused)."""
+    """Score a submission and add it to BOARDS/<protocol>.csv (atomic; the same file twice is refused)."""
     from fer_bench.eval import get_protocol, load_protocol_data, write_report
-    from fer_bench.eval.leaderboard import add_entry, entry_from_results, leaderboard_path
+    from fer_bench.eval.leaderboard import add_entry, boards_to_write, entry_from_results, seed_board
     from fer_bench.eval.submission import read_meta, score_submission
     from fer_bench.options import parse_key_values
 
     metadata = read_meta(meta)
     protocol = get_protocol(dataset)
+    folder = boards_to_write(boards)  # before the scoring: a run from the wrong folder fails at once
     info = load_protocol_data(protocol, root, parse_key_values(option or [], flag="--option"))
     results = score_submission(submission, info, protocol, n_bootstrap=bootstrap)
     write_report(results, submission.parent / f"eval-{protocol.name}")
     entry = entry_from_results(results, metadata, results["predictions_sha256"])
-    path = leaderboard_path(protocol.name, leaderboards)
+    path = seed_board(protocol.name, folder)
     rows = add_entry(path, entry)
     rank = next(r["rank"] for r in rows if r["submission_sha256"] == entry["submission_sha256"])
     stdout.print(
@@ -723,15 +751,22 @@ def leaderboard_submit(
 @leaderboard_app.command("show")
 @_user_errors
 def leaderboard_show(
-    name: Annotated[str, typer.Argument(help="Protocol name (leaderboards/<name>.csv).")],
+    name: Annotated[str, typer.Argument(help="Protocol name (BOARDS/<name>.csv).")],
     sort: Annotated[str, typer.Option("--sort", help="Column to sort by.")] = "acc",
-    leaderboards: Annotated[Path | None, typer.Option("--leaderboards", help="Folder (default leaderboards/).")] = None,
+    boards: Annotated[
+        Path | None,
+        typer.Option(
+            "--boards",
+            "--leaderboards",
+            help="Boards folder (default ./leaderboards when it exists here, else the boards fer_bench ships).",
+        ),
+    ] = None,
 ) -> None:
     """Print a leaderboard."""
     from fer_bench.errors import DataError
-    from fer_bench.eval.leaderboard import leaderboard_path, ranked, read_leaderboard
+    from fer_bench.eval.leaderboard import boards_to_read, leaderboard_path, ranked, read_leaderboard
 
-    path = leaderboard_path(name, leaderboards)
+    path = leaderboard_path(name, boards_to_read(boards))
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.csv"))
         raise DataError(f"{path}: no such leaderboard; available: {available}")

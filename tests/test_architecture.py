@@ -13,6 +13,7 @@ BASE = {
     "fer_bench._io",
     "fer_bench.options",
     "fer_bench.provenance",
+    "fer_bench.shipped",
 }
 
 # layer -> fer_bench sub-packages it must never import

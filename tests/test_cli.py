@@ -166,6 +166,7 @@ def test_train_then_eval(tiny_synthfer, tmp_path):
         ),
         (["data", "describe", "--dataset", "synthfer", "--root", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
         (["train", "/no/such/recipe.yaml"], ["recipe file not found"]),
+        (["train", "quickstrat"], ["recipe 'quickstrat': no such file", "Did you mean 'quickstart'?"]),
         (["eval", "--dataset", "synthfer", "--root", ".", "--checkpoint", "/no/such.pt"], ["file not found"]),
     ],
 )
@@ -310,3 +311,11 @@ def test_cross_dataset_eval_masks_contempt(tiny_synthfer, tmp_path):
     assert results["label_space"]["name"] == "basic7" and results["n"] == 21
     assert len(results["confusion_matrix"]) == 7
     assert "masked model logits (not in the dataset): contempt" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_recipes_lists_the_shipped_recipes_with_what_they_need():
+    result = runner.invoke(app, ["recipes"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "quickstart" in line)
+    assert "Quickstart: a small ViT" in line and "no dataset (SynthFER), CPU ok" in line
+    assert "rafdb data, GPU, pretrained weights" in result.stdout

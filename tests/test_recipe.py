@@ -84,3 +84,27 @@ def test_missing_file(tmp_path):
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
+
+
+def test_a_recipe_is_a_file_first_then_a_shipped_name(tmp_path, monkeypatch):
+    from fer_bench.train import resolve_recipe, shipped_recipes
+
+    shipped = {r.name: r for r in shipped_recipes()}
+    assert {p.stem for p in RECIPES} == set(shipped)  # every file of recipes/ is listed by name
+    quickstart = shipped["quickstart"]
+    assert quickstart.description.startswith("Quickstart: a small ViT") and "CPU ok" in quickstart.needs
+    assert "GPU" in shipped["rafdb_vit_b16"].needs and "rafdb data" in shipped["rafdb_vit_b16"].needs
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("quickstart") == resolve_recipe("quickstart.yaml") == quickstart.path
+    own = tmp_path / "quickstart"  # a file of that name in the current folder wins over the shipped recipe
+    own.write_text("name: mine\n")
+    assert (
+        resolve_recipe("quickstart") == Path("quickstart") and load_recipe(resolve_recipe("quickstart")).name == "mine"
+    )
+    with pytest.raises(ConfigError, match=r"recipe 'quickstrat': no such file .* Did you mean 'quickstart'\?"):
+        resolve_recipe("quickstrat")
+    with pytest.raises(
+        ConfigError,
+        match=r"recipes/rafdb_vit_b16\.yaml: recipe file not found\. Did you mean the shipped recipe 'rafdb_vit_b16'",
+    ):
+        resolve_recipe("recipes/rafdb_vit_b16.yaml")

@@ -163,3 +163,22 @@ def test_atomic_writes_keep_normal_permissions(tmp_path):
     os.umask(umask)
     assert target.read_text() == "hello" and (target.stat().st_mode & 0o777) == (0o666 & ~umask)
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left
+
+
+def test_atomic_writes_get_open_s_permissions_under_umask_022(tmp_path):
+    import os
+
+    from fer_bench._io import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.csv"
+        atomic_write_text(fresh, "a")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        kept = tmp_path / "kept.csv"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        atomic_write_text(kept, "new")  # replacing a file keeps its mode, as open(path, "w") would
+        assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)

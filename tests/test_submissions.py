@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,14 +229,15 @@ def test_predict_submit_show_round_trip(tiny_synthfer, tmp_path):
 
 def test_shipped_leaderboards_are_valid():
     from fer_bench.eval import list_protocols
-    from fer_bench.eval.leaderboard import LEADERBOARDS_DIR
+    from fer_bench.eval.leaderboard import shipped_boards
 
+    shipped = shipped_boards()
     for name in list_protocols():
-        rows = read_leaderboard(LEADERBOARDS_DIR / f"{name}.csv")  # raises on a foreign header
+        rows = read_leaderboard(shipped / f"{name}.csv")  # raises on a foreign header
         for row in rows:
             assert row["source"] in ("reported", "verified") and 0 < float(row["acc"]) < 1
             assert row["source"] != "reported" or row["reference"]
-    assert len(read_leaderboard(LEADERBOARDS_DIR / "rafdb.csv")) >= 5
+    assert len(read_leaderboard(shipped / "rafdb.csv")) >= 5
 
 
 def test_a_submission_is_the_same_whatever_its_bytes(tmp_path):
@@ -276,3 +278,27 @@ def test_metadata_cannot_inject_formulas_or_table_rows(tmp_path):
     table = (tmp_path / "rafdb.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| rank")]
     assert len(rows) == 1 and "evil \\| 1 \\| x \\| \\| 0 \\| injected" in rows[0]
+
+
+def test_boards_default_to_the_local_folder_and_are_seeded_from_the_shipped_ones(tmp_path, monkeypatch):
+    from fer_bench.errors import ConfigError
+    from fer_bench.eval.leaderboard import boards_to_read, boards_to_write, seed_board, shipped_boards
+
+    monkeypatch.chdir(tmp_path)  # no ./leaderboards here
+    assert boards_to_read() == shipped_boards() and boards_to_read(tmp_path / "mine") == tmp_path / "mine"
+    with pytest.raises(ConfigError, match=r"no \./leaderboards folder in .*: give --boards DIR"):
+        boards_to_write()
+    shown = runner.invoke(app, ["leaderboard", "show", "rafdb"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "FMAE" in shown.output  # the shipped board's reported rows
+    mine = tmp_path / "mine"
+    board = seed_board("rafdb", boards_to_write(mine))
+    assert board == mine / "rafdb.csv" and board.read_text() == (shipped_boards() / "rafdb.csv").read_text()
+    assert (mine / "README.md").is_file()
+    add_entry(board, _entry("aaa", "0.999"))
+    rows = read_leaderboard(board)
+    assert rows[0]["model"] == "maaa" and len(rows) == len(read_leaderboard(shipped_boards() / "rafdb.csv")) + 1
+    assert seed_board("rafdb", mine) == board and len(read_leaderboard(board)) == len(rows)  # seeded only once
+    (tmp_path / "leaderboards").mkdir()
+    assert boards_to_write() == boards_to_read() == Path("leaderboards")
+    result = runner.invoke(app, ["leaderboard", "show", "rafdb"])
+    assert result.exit_code == 2 and "leaderboards/rafdb.csv: no such leaderboard" in result.output

@@ -12,9 +12,7 @@ import yaml
 from fer_bench.data.dataset import decode_image
 from fer_bench.data.manifest import SPLITS, DatasetInfo
 from fer_bench.errors import DataError
-
-#: Where the dataset cards live (``datasets/NAME.yaml`` at the top of the repository).
-CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"
+from fer_bench.shipped import shipped_dir
 
 
 def describe_dataset(info: DatasetInfo) -> dict[str, Any]:
@@ -51,9 +49,14 @@ def describe_dataset(info: DatasetInfo) -> dict[str, Any]:
     }
 
 
-def load_card(name: str, cards_dir: Path = CARDS_DIR) -> dict[str, Any] | None:
-    """The dataset card ``datasets/<name>.yaml`` as a dict, or None when there is none (an installed wheel)."""
-    path = cards_dir / f"{name}.yaml"
+def load_card(name: str, cards_dir: Path | None = None) -> dict[str, Any] | None:
+    """The dataset card ``<name>.yaml`` as a dict, or None when there is none.
+
+    Args:
+        name: The dataset name.
+        cards_dir: Folder of cards; None: the shipped ones (``datasets/`` of the repository, carried by the wheel).
+    """
+    path = (shipped_dir("datasets") if cards_dir is None else Path(cards_dir)) / f"{name}.yaml"
     if not path.is_file():
         return None
     try:

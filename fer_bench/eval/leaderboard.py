@@ -1,6 +1,11 @@
-"""Leaderboards: one CSV per protocol in ``leaderboards/``, rows scored by the evaluator (``source = verified``) or
+"""Leaderboards: one CSV per protocol in a boards folder, rows scored by the evaluator (``source = verified``) or
 copied from the literature (``source = reported``, with the paper). Writes are atomic; the Markdown views are
-regenerated from the CSVs."""
+regenerated from the CSVs.
+
+fer_bench ships the boards (``leaderboards/`` of the repository, carried by the wheel: :func:`shipped_boards`), and
+never writes there once installed. Submissions go to a folder the user owns (:func:`boards_to_write`): ``--boards``,
+or ``./leaderboards`` when the current folder has one (the repository checkout); a board missing there is seeded
+from the shipped one (its reported rows) on the first submission (:func:`seed_board`)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any
 from fer_bench import __version__
 from fer_bench._io import atomic_write_text
 from fer_bench.errors import ConfigError, DataError
+from fer_bench.shipped import is_inside_package, shipped_dir
 
 COLUMNS: tuple[str, ...] = (
     "rank",
@@ -39,11 +45,61 @@ COLUMNS: tuple[str, ...] = (
     "reference",
 )
 NUMERIC: tuple[str, ...] = ("params_m", *COLUMNS[COLUMNS.index("acc") : COLUMNS.index("dataset_hash")])
-LEADERBOARDS_DIR = Path(__file__).resolve().parents[2] / "leaderboards"
+#: The boards folder of the current directory, used when no --boards is given and it exists.
+LOCAL_BOARDS = Path("leaderboards")
 
 
-def leaderboard_path(protocol: str, directory: str | os.PathLike | None = None) -> Path:
-    return Path(directory or LEADERBOARDS_DIR) / f"{protocol}.csv"
+def shipped_boards() -> Path:
+    """The leaderboards fer_bench ships (read-only once installed)."""
+    return shipped_dir("leaderboards")
+
+
+def leaderboard_path(protocol: str, directory: str | os.PathLike) -> Path:
+    """``<directory>/<protocol>.csv``."""
+    return Path(directory) / f"{protocol}.csv"
+
+
+def boards_to_read(boards: str | os.PathLike | None = None) -> Path:
+    """The folder ``leaderboard show`` reads: ``boards`` when given, else ``./leaderboards`` when the current
+    folder has one, else the shipped boards."""
+    if boards is not None:
+        return Path(boards)
+    return LOCAL_BOARDS if LOCAL_BOARDS.is_dir() else shipped_boards()
+
+
+def boards_to_write(boards: str | os.PathLike | None = None) -> Path:
+    """The folder a submission goes to: ``boards`` when given, else ``./leaderboards`` when the current folder has
+    one. Never a folder inside the installed package.
+
+    Raises:
+        ConfigError: no ``boards`` and no ``./leaderboards`` here, or ``boards`` inside the installed package.
+    """
+    if boards is None:
+        if not LOCAL_BOARDS.is_dir():
+            raise ConfigError(
+                f"no ./leaderboards folder in {Path.cwd()}: give --boards DIR, a folder of your own (created on the "
+                "first submission and seeded with the shipped board of the protocol)"
+            )
+        boards = LOCAL_BOARDS
+    if is_inside_package(boards):
+        raise ConfigError(
+            f"--boards {boards}: that is the installed fer_bench package's own copy; give a folder of your own"
+        )
+    return Path(boards)
+
+
+def seed_board(protocol: str, directory: str | os.PathLike) -> Path:
+    """``<directory>/<protocol>.csv``, first copied from the shipped board (with its reported rows) when the folder
+    has none; the shipped README.md comes along when the folder has none. Returns the board's path."""
+    path = leaderboard_path(protocol, directory)
+    shipped = leaderboard_path(protocol, shipped_boards())
+    if path.exists() or not shipped.is_file() or path.resolve() == shipped.resolve():
+        return path
+    atomic_write_text(path, shipped.read_text())
+    readme = Path(directory) / "README.md"
+    if not readme.exists() and (shipped.parent / "README.md").is_file():
+        atomic_write_text(readme, (shipped.parent / "README.md").read_text())
+    return path
 
 
 def read_leaderboard(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -131,9 +187,9 @@ def markdown_table(protocol: str, rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def regenerate_views(directory: str | os.PathLike | None = None) -> None:
+def regenerate_views(directory: str | os.PathLike) -> None:
     """Rewrite ``<protocol>.md`` for every CSV and the index table in ``README.md`` between its markers."""
-    directory = Path(directory or LEADERBOARDS_DIR)
+    directory = Path(directory)
     summary = ["| protocol | entries | best acc % | best model |", "|---|---|---|---|"]
     for path in sorted(directory.glob("*.csv")):
         rows = read_leaderboard(path)
@@ -193,6 +249,8 @@ def add_entry(path: str | os.PathLike, entry: dict[str, str]) -> list[dict[str, 
     """Add a row to the leaderboard at ``path`` (atomic rewrite); a second row with the same submission hash is
     refused. Returns the ranked rows."""
     path = Path(path)
+    if is_inside_package(path):
+        raise ConfigError(f"{path}: inside the installed fer_bench package; write boards to a folder of your own")
     rows = read_leaderboard(path)
     if any(r["submission_sha256"] == entry["submission_sha256"] for r in rows if r["submission_sha256"]):
         raise DataError(f"{path}: this submission (sha256 {entry['submission_sha256'][:12]}…) is already on the board")

@@ -4,6 +4,7 @@ dotted path; ``--set key.path=value`` overrides any field. The recipe is unpacke
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fer_bench.data.transforms import AugmentOptions
 from fer_bench.errors import ConfigError
 from fer_bench.options import parse_scalar
+from fer_bench.registry import did_you_mean
+from fer_bench.shipped import shipped_dir
 
 
 class _Section(BaseModel):
@@ -279,3 +282,94 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     return recipe_from_dict(apply_overrides(data, overrides or []), source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shipped recipes: ``recipes/`` of the repository, carried by the wheel; a recipe is named by its file's stem.
+
+
+@dataclass(frozen=True)
+class ShippedRecipe:
+    """A recipe fer_bench ships: its name (the file stem), file, description and what it needs to run."""
+
+    name: str
+    path: Path
+    description: str
+    needs: tuple[str, ...]
+
+
+def shipped_recipe_paths() -> dict[str, Path]:
+    """Shipped recipe name → file, sorted by name."""
+    return {path.stem: path for path in sorted(shipped_dir("recipes").glob("*.yaml"))}
+
+
+def _leading_comment(text: str) -> str:
+    """The first paragraph of the comment block a recipe starts with, on one line."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break
+        body = stripped.lstrip("#").strip()
+        if not body:
+            if lines:
+                break
+            continue
+        lines.append(body)
+    return " ".join(lines)
+
+
+def recipe_needs(recipe: Recipe) -> tuple[str, ...]:
+    """What running ``recipe`` needs beyond fer_bench: the dataset (SynthFER is generated), a GPU (224-px and larger
+    inputs: hours per epoch on a CPU) and pretrained weights (from the hub or a local file)."""
+    dataset = recipe.data.dataset
+    needs = ["no dataset (SynthFER)" if dataset == "synthfer" else f"{dataset} data"]
+    needs.append("GPU" if recipe.data.img_size >= 224 else "CPU ok")
+    if recipe.model.pretrained:
+        needs.append("pretrained weights")
+    return tuple(needs)
+
+
+def shipped_recipes() -> list[ShippedRecipe]:
+    """The shipped recipes, by name, each with the first paragraph of its leading comment as the description.
+
+    Raises:
+        ConfigError: a shipped recipe that is not valid YAML or not a valid recipe (named with its file).
+    """
+    out = []
+    for name, path in shipped_recipe_paths().items():
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        try:
+            recipe = Recipe.model_validate({"name": name, **data})
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, str(path))) from None
+        out.append(ShippedRecipe(name, path, _leading_comment(text), recipe_needs(recipe)))
+    return out
+
+
+def resolve_recipe(recipe: str | os.PathLike) -> Path:
+    """The recipe file for ``recipe``: an existing file first, else the shipped recipe of that name
+    (``quickstart`` or ``quickstart.yaml``).
+
+    Raises:
+        ConfigError: neither a file nor a shipped recipe, with the nearest shipped names.
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = shipped_recipe_paths()
+    text = os.fspath(recipe)
+    bare = "/" not in text and os.sep not in text
+    key = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if bare and key in shipped:
+        return shipped[key]
+    listing = " (`ferbench recipes` lists the shipped ones)"
+    if bare:
+        hint = did_you_mean(key, shipped)
+        raise ConfigError(f"recipe {text!r}: no such file and no shipped recipe of that name.{hint}{listing}")
+    hint = f" Did you mean the shipped recipe {path.stem!r}?" if path.stem in shipped else did_you_mean(key, shipped)
+    raise ConfigError(f"{path}: recipe file not found.{hint}{listing}")
