@@ -247,6 +247,8 @@ def test_more_bad_inputs_are_one_line(tiny_checkpoint, mtcnn_wheel, tmp_path):
               str(tiny_checkpoint)]
     )  # fmt: skip
     _one_line_error(result, "not both")
+    result = runner.invoke(app, ["eval", "--dataset", "synthfer", "--checkpoint", str(tiny_checkpoint)])
+    _one_line_error(result, "no data", "--root DIR", "--cache FOLDER")  # neither: not "not both"
     result = runner.invoke(app, base + ["--images", str(huge), "--tta", "flip", "--cache", str(tmp_path)])
     _one_line_error(result, "--tta, --cache", "only with --dataset")
     # a video without faces leaves no overlay behind

@@ -67,7 +67,7 @@ def test_the_augment_section_is_the_data_layers_augment_options(tmp_path):
     assert load_recipe(_write(tmp_path, "name: x\n")).data.augment == AugmentOptions()
     with pytest.raises(ConfigError, match=r"data\.augment\.rotate: Input should be less than or equal to 45"):
         load_recipe(_write(tmp_path, "data:\n  augment:\n    rotate: 50\n"))
-    with pytest.raises(ConfigError, match=r"data\.augment\.hflp: unknown key"):
+    with pytest.raises(ConfigError, match=r"data\.augment\.hflp: unknown key\. Did you mean 'hflip'\?"):
         load_recipe(_write(tmp_path, "data:\n  augment:\n    hflp: 0.3\n"))
     with pytest.raises(ValidationError, match="hflp"):
         AugmentOptions(hflp=0.3)
@@ -108,3 +108,17 @@ def test_a_recipe_is_a_file_first_then_a_shipped_name(tmp_path, monkeypatch):
         match=r"recipes/rafdb_vit_b16\.yaml: recipe file not found\. Did you mean the shipped recipe 'rafdb_vit_b16'",
     ):
         resolve_recipe("recipes/rafdb_vit_b16.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.weight_decy=0.1", "optim.weight_decy: unknown key. Did you mean 'weight_decay',"),
+        ("data.imgsize=32", "data.imgsize: unknown key. Did you mean 'img_size'?"),
+        ("tracking.uri=x", "tracking.uri: unknown key"),
+    ],
+)
+def test_unknown_recipe_keys_suggest_the_nearest_keys_of_their_section(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_recipe("recipes/quickstart.yaml", [override])
+    assert expected in str(info.value)

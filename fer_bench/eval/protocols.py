@@ -157,7 +157,9 @@ def protocol_data(
     from fer_bench.data.cache import open_cache, read_cache_card
 
     options = dict(options or {})
-    if (cache is None) == (root is None):
+    if cache is None and root is None:
+        raise ConfigError("no data: give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it)")
+    if cache is not None and root is not None:
         raise ConfigError("give --root DIR (the dataset) or --cache FOLDER (a prepared cache of it), not both")
     if cache is None:
         return load_protocol_data(protocol, root, options)

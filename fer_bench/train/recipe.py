@@ -200,11 +200,24 @@ def parse_interval(value: int | str) -> tuple[str, float]:
     return "minutes", amount
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys the recipe section at ``loc`` (a pydantic error location, without the bad key) accepts."""
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _known_keys(err["loc"][:-1]))
         # our own validators already name the value they got
         said = err["type"] == "extra_forbidden" or "got " in msg
         found = "" if said else f" (got {err.get('input')!r})"
