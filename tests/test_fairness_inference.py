@@ -144,3 +144,46 @@ def test_ineligible_groups_and_degenerate_columns():
     assert single["max_gap"]["chance"] is None
     off = gap_inference(cm, eligible=np.ones(3, bool), n_bootstrap=0, n_permutations=0, seed=0)
     assert off["max_gap"]["ci"] is None and off["max_gap"]["chance"] is None and off["max_gap"]["value"] > 0
+
+
+def test_report_fairness_tables_hold_their_estimates_and_show_chance(tmp_path):
+    """Done-when of issue 12: no interval in the report excludes its estimate; the chance level is shown and used."""
+    import re
+
+    import pandas as pd
+
+    from fer_bench.eval import compute_results
+    from fer_bench.eval.report import _report_md
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    y = rng.integers(0, 7, n)
+    tied = rng.choice(["a", "b", "c", "d", "e"], n)
+    skewed = rng.choice(["x", "y", "z"], n)
+    correct = rng.random(n) < np.where(skewed == "z", 0.5, 0.8)
+    pred = np.where(correct, y, (y + rng.integers(1, 7, n)) % 7)
+    results = compute_results(
+        y_true=y,
+        y_pred=pred,
+        label_names=tuple("abcdefg"),
+        rows=pd.DataFrame({"tied": tied, "skewed": skewed}),
+        group_columns=("tied", "skewed"),
+        n_bootstrap=300,
+    )
+    results |= {"label_space": {"name": "t", "names": list("abcdefg")}, "dataset": "t", "split": "test"}
+    results |= {"dataset_hash": "0" * 64, "config": {}, "fer_bench_version": "0", "created": "now"}
+    text = _report_md(results)
+    rows = [line for line in text.splitlines() if re.match(r"\| (max accuracy gap|equal opportunity gap) ", line)]
+    assert len(rows) == 6  # tied, skewed, tied+skewed
+    for line in text.splitlines():
+        match = re.match(r"\| [^|]+ \| ([\d.]+)(?: \(biased [↑↓]\))? \| ([\d.]+|–) \| \[([\d.]+), ([\d.]+)\]", line)
+        if match:
+            value, corrected, low, high = match.groups()
+            assert float(low) <= float(value) <= float(high), line
+            if corrected != "–":
+                assert float(low) <= float(corrected) <= float(high), line
+    tied_gap = next(line for line in text.split("### Gaps across tied ")[1].splitlines() if "max accuracy gap" in line)
+    skewed_gap = next(line for line in text.split("### Gaps across skewed ")[1].splitlines() if "max accuracy" in line)
+    assert tied_gap.endswith("| not distinguishable from chance |")
+    assert skewed_gap.endswith("| beyond chance |")
+    assert "by chance: median (95th pct)" in text
