@@ -282,3 +282,45 @@ def write_infer(root: Path, *, subjects: int = 12, with_fold: bool = False) -> P
             lines.append(f"{rel},{name},S{subject:02d},{20 + subject},{gender},region{subject % 3},posed{fold}")
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom CSV, SynthFER, and one fixture tree per registered dataset
+
+
+def write_csv_table(root: Path) -> Path:
+    """``labels.csv`` (path, label, split, gender) over three images under ``img/``."""
+    write_class_folders(root, splits=("img",), names=("x",), per_class=3)
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    rows = zip(images, ("Happy", "surprised", "neutral"), ("train", "", "test"), ("f", "m", ""), strict=True)
+    (root / "labels.csv").write_text("path,label,split,gender\n" + "".join(f"{','.join(r)}\n" for r in rows))
+    return root
+
+
+def write_synthfer(root: Path) -> Path:
+    from fer_bench.data import SynthFERConfig, generate_synthfer
+
+    generate_synthfer(out=root, config=SynthFERConfig(seed=1, size=32, n_train=16, n_val=8, n_test=16), workers=1)
+    return root
+
+
+# name -> (write the tree, adapter options): every registered dataset must have one (tests parametrise over
+# fer_bench.data.list_datasets(), so a newly registered adapter fails here until it gets a fixture tree).
+DATASET_TREES = {
+    "rafdb": (write_rafdb_official, {}),
+    "rafdb-compound": (write_rafdb_compound, {}),
+    "affectnet": (write_affectnet_csv, {"classes": 7}),
+    "ferplus": (write_ferplus_csv, {"mode": "crossentropy"}),
+    "fer2013": (write_class_folders, {}),
+    "infer": (write_infer, {"fold": 2}),
+    "folder": (lambda root: write_class_folders(root, splits=("train",)), {}),
+    "csv": (write_csv_table, {}),
+    "synthfer": (write_synthfer, {}),
+}
+
+
+def dataset_tree(name: str, root: Path) -> tuple[Path, dict]:
+    """A small tree in dataset ``name``'s own format at ``root``, and the adapter options to read it with."""
+    assert name in DATASET_TREES, f"dataset {name!r} is registered but tests/formats.py has no fixture tree for it"
+    write, options = DATASET_TREES[name]
+    return write(root), dict(options)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
-from fer_bench.data import FaceDataset, create_transform, describe_dataset, get_dataset, verify_images
+from fer_bench.data import (
+    FaceDataset,
+    create_transform,
+    describe_dataset,
+    get_dataset,
+    list_datasets,
+    verify_images,
+)
 from fer_bench.data.adapters.affectnet import AFFECTNET_CODES
 from fer_bench.data.adapters.fer2013 import FER2013_CODES
 from fer_bench.data.adapters.ferplus import ferplus_target
@@ -410,11 +418,15 @@ def test_folder_and_csv_custom_data(tmp_path):
 # Errors shared by all adapters
 
 
-@pytest.mark.parametrize("name", ["rafdb", "affectnet", "ferplus", "fer2013", "infer", "folder"])
+@pytest.mark.parametrize("name", list_datasets())
 def test_an_empty_root_lists_the_layouts_looked_for(tmp_path, name):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no .* layout found. Looked for|no .*layout"):
-        get_dataset(name, tmp_path / "empty")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as caught:
+        get_dataset(name, empty)
+    message = str(caught.value)
+    assert str(empty) in message, message  # names the folder it searched
+    assert re.search(r"looked for|not found", message, re.IGNORECASE), message  # and what it expected there
 
 
 def test_unknown_option_and_missing_root(tmp_path):
@@ -424,13 +436,10 @@ def test_unknown_option_and_missing_root(tmp_path):
         get_dataset("rafdb", tmp_path / "nowhere")
 
 
-def test_describe_json_is_serialisable_for_every_adapter(tmp_path):
-    infos = [
-        get_dataset("rafdb", formats.write_rafdb_official(tmp_path / "a")),
-        get_dataset("affectnet", formats.write_affectnet_csv(tmp_path / "b")),
-        get_dataset("ferplus", formats.write_ferplus_csv(tmp_path / "c")),
-        get_dataset("infer", formats.write_infer(tmp_path / "d")),
-    ]
-    for info in infos:
-        summary = json.loads(json.dumps(describe_dataset(info)))
-        assert set(summary) == DESCRIBE_KEYS
+@pytest.mark.parametrize("name", list_datasets())
+def test_describe_json_is_serialisable_for_every_adapter(tmp_path, name):
+    root, options = formats.dataset_tree(name, tmp_path / name)
+    info = get_dataset(name, root, **options)
+    summary = json.loads(json.dumps(describe_dataset(info)))
+    assert set(summary) == DESCRIBE_KEYS
+    assert summary["dataset"] == name and sum(split["total"] for split in summary["splits"].values()) > 0

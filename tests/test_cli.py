@@ -9,6 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fer_bench.cli import app
+from fer_bench.data import list_datasets
+from tests import formats
 from tests.conftest import tiny_recipe_dict
 
 runner = CliRunner()
@@ -25,13 +27,69 @@ def _one_line_error(result, *fragments):
         assert fragment in error, (fragment, error)
 
 
-def test_help_lists_the_commands():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for command in ("train", "eval", "data"):
-        assert command in result.output
-    result = runner.invoke(app, ["data", "--help"])
-    assert "synth" in result.output and "describe" in result.output
+def _command_tree():
+    """(path, command) for the app and every command and sub-command under it, from typer's own click objects."""
+    import typer
+
+    root = typer.main.get_command(app)
+    found, todo = [], [((), root, typer.Context(root, info_name="ferbench"))]
+    while todo:
+        path, command, ctx = todo.pop(0)
+        found.append((path, command))
+        if hasattr(command, "list_commands"):  # a group (typer vendors click: no click.Group isinstance check)
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                todo.append(((*path, name), sub, typer.Context(sub, parent=ctx, info_name=name)))
+    return found
+
+
+COMMAND_TREE = _command_tree()
+WIDE = {"COLUMNS": "200"}  # rich folds and truncates long option names at 80 columns
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_command_tree_is_what_the_readme_documents():
+    paths = {" ".join(path) for path, _ in COMMAND_TREE}
+    assert {"train", "eval", "predict", "compare", "data", "leaderboard"} <= paths
+    assert {"data synth", "data describe", "data verify", "data cache", "data prepare", "data list"} <= paths
+    assert {"leaderboard template", "leaderboard submit", "leaderboard show"} <= paths
+
+
+@pytest.mark.parametrize(("path", "command"), COMMAND_TREE, ids=[" ".join(p) or "ferbench" for p, _ in COMMAND_TREE])
+def test_every_command_and_parameter_has_help_and_shows_it(path, command):
+    assert (command.help or "").strip(), f"{' '.join(path) or 'ferbench'}: no help text"
+    for param in command.params:
+        assert (getattr(param, "help", None) or "").strip(), f"{' '.join(path)} {param.opts}: no help text"
+    result = runner.invoke(app, [*path, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    shown = _flat(result.output)
+    assert _flat(command.help.split("\n\n")[0])[:60] in shown  # the command's own summary, not a parent's
+    for param in command.params:
+        assert param.opts[0] in shown, (path, param.opts)
+        assert _flat(param.help)[:40] in shown, (path, param.opts)
+    for name in getattr(command, "commands", {}):  # a group lists each sub-command with its summary
+        sub = command.commands[name]
+        assert f"{name} {_flat(sub.help)[:30]}" in shown, (path, name)
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        (("train",), {"--set", "--resume", "--gpus"}),
+        (("eval",), {"--dataset", "--root", "--cache", "--checkpoint", "--predictions", "--tta", "--perturb"}),
+        (("predict",), {"--checkpoint", "--images", "--video", "--dataset", "--detector", "--align", "--overlay"}),
+        (("compare",), {"--tracking-uri"}),
+        (("data", "describe"), {"--dataset", "--root", "--json", "--option"}),
+        (("data", "synth"), {"--out", "--size", "--n-train", "--workers"}),
+    ],
+)
+def test_documented_options_are_there(path, options):
+    command = dict(COMMAND_TREE)[path]
+    have = {opt for param in command.params for opt in param.opts}
+    assert options <= have, sorted(options - have)
 
 
 def test_synth_and_describe_json(tmp_path):
@@ -206,8 +264,6 @@ def test_corrupt_image_is_named(tmp_path, tiny_synthfer):
 
 
 def test_corrupt_image_stops_the_cache_build_naming_it(tmp_path):
-    from tests import formats
-
     root = formats.write_rafdb_official(tmp_path / "raf", per_code_train=3)
     victim = sorted((root / "basic" / "Image" / "aligned").glob("train_*"))[2]
     victim.write_bytes(b"\x89PNG broken")
@@ -221,37 +277,23 @@ def test_corrupt_image_stops_the_cache_build_naming_it(tmp_path):
 # Dataset adapters through the CLI
 
 
-def _fixture_trees(tmp_path):
-    from tests import formats
-
-    return {
-        ("rafdb", ()): formats.write_rafdb_official(tmp_path / "rafdb"),
-        ("rafdb-compound", ()): formats.write_rafdb_compound(tmp_path / "rafc"),
-        ("affectnet", ("classes=7",)): formats.write_affectnet_csv(tmp_path / "aff"),
-        ("ferplus", ("mode=crossentropy",)): formats.write_ferplus_csv(tmp_path / "fp"),
-        ("fer2013", ()): formats.write_class_folders(tmp_path / "fer"),
-        ("infer", ("fold=2",)): formats.write_infer(tmp_path / "infer"),
-        ("folder", ()): formats.write_class_folders(tmp_path / "folder", splits=("train",)),
-    }
-
-
-def test_describe_json_for_every_adapter(tmp_path):
-    for (name, options), root in _fixture_trees(tmp_path).items():
-        args = ["data", "describe", "--dataset", name, "--root", str(root), "--json"]
-        for option in options:
-            args += ["--option", option]
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, (name, result.output)
-        summary = json.loads(result.stdout)
-        assert set(summary) == {"dataset", "layout", "label_space", "splits", "groups", "subsets", "dropped"}
-        assert summary["dataset"] == name
-        for split in summary["splits"].values():
-            assert split["total"] == sum(split["per_label"].values()) > 0
+@pytest.mark.parametrize("name", list_datasets())
+def test_describe_json_for_every_adapter(tmp_path, name):
+    root, options = formats.dataset_tree(name, tmp_path / name)
+    args = ["data", "describe", "--dataset", name, "--root", str(root), "--json"]
+    for key, value in options.items():
+        args += ["--option", f"{key}={value}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (name, result.output)
+    summary = json.loads(result.stdout)
+    assert set(summary) == {"dataset", "layout", "label_space", "splits", "groups", "subsets", "dropped"}
+    assert summary["dataset"] == name
+    assert summary["splits"]
+    for split in summary["splits"].values():
+        assert split["total"] == sum(split["per_label"].values()) > 0
 
 
 def test_describe_text_warns_on_counts_that_differ_from_the_card(tmp_path):
-    from tests import formats
-
     root = formats.write_rafdb_official(tmp_path / "raf")
     result = runner.invoke(app, ["data", "describe", "--dataset", "rafdb", "--root", str(root)])
     assert result.exit_code == 0, result.output
@@ -265,8 +307,6 @@ def test_describe_text_warns_on_counts_that_differ_from_the_card(tmp_path):
 
 
 def test_describe_bad_inputs_are_one_line(tmp_path):
-    from tests import formats
-
     root = formats.write_affectnet_csv(tmp_path / "aff")
     csv_path = root / "Manually_Annotated_file_lists" / "training.csv"
     lines = csv_path.read_text().splitlines()
@@ -280,8 +320,6 @@ def test_describe_bad_inputs_are_one_line(tmp_path):
 
 
 def test_verify_lists_missing_and_corrupt_images(tmp_path):
-    from tests import formats
-
     root = formats.write_rafdb_official(tmp_path / "raf")
     result = runner.invoke(app, ["data", "verify", "--dataset", "rafdb", "--root", str(root)])
     assert result.exit_code == 0, result.output
@@ -297,8 +335,6 @@ def test_verify_lists_missing_and_corrupt_images(tmp_path):
 
 def test_cross_dataset_eval_masks_contempt(tiny_synthfer, tmp_path):
     """An all8 SynthFER model scored on a 7-class dataset: the contempt logit is masked, the report says so."""
-    from tests import formats
-
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_synthfer, tmp_path, **{"optim.epochs": 1})))
     assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -13,8 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from fer_bench.cli import app
+from fer_bench.errors import ConfigError, WeightsUnavailableError
+from fer_bench.faces import create_detector, list_detectors
+from fer_bench.faces.detection import WEIGHT_IDENTITIES
+from fer_bench.train import recipe_from_dict
 from tests.conftest import tiny_recipe_dict
-from tests.test_cli import _one_line_error
+from tests.test_cli import COMMAND_TREE, _one_line_error
 
 runner = CliRunner()
 
@@ -303,3 +308,27 @@ def test_a_lazy_detector_is_known_by_its_weights_and_built_on_first_use(mtcnn_wh
     assert lazy._built is not None and len(found) == 1
     np.testing.assert_array_equal(found.boxes, expected.boxes)
     assert lazy.describe() == eager.describe()
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_every_detector_is_offered_and_says_where_its_weights_go(name, tmp_path):
+    """Each registered detector: a recipe may name it, the CLI's --detector help lists it, and missing weights are
+    reported (eagerly, and lazily where only the weights are hashed) with the path that was tried."""
+    recipe = tiny_recipe_dict(tmp_path / "data", tmp_path)
+    recipe["data"]["align"] = {"template": "arcface112", "detector": name}
+    assert recipe_from_dict(recipe).data.align.detector == name
+    predict = dict((path, command) for path, command in COMMAND_TREE)[("predict",)]
+    detector_help = next(p.help for p in predict.params if "--detector" in p.opts)
+    assert name in detector_help
+    assert name in WEIGHT_IDENTITIES.names()
+    missing = tmp_path / "nowhere.pth"
+    for lazy in (False, True):
+        with pytest.raises(WeightsUnavailableError, match=re.escape(str(missing))):
+            create_detector(name, weights=str(missing), lazy=lazy)
+
+
+def test_a_recipe_with_an_unknown_detector_names_the_choices(tmp_path):
+    recipe = tiny_recipe_dict(tmp_path / "data", tmp_path)
+    recipe["data"]["align"] = {"template": "arcface112", "detector": "mtcn"}
+    with pytest.raises(ConfigError, match=r"data.align.detector.*unknown face detector 'mtcn'; expected one of mtcnn"):
+        recipe_from_dict(recipe)

@@ -36,12 +36,17 @@ def test_templates_are_named_and_scale_with_the_crop():
     np.testing.assert_allclose(np.asarray(arc224.points), 2 * np.asarray(arc112.points))
     # one rule for every size (insightface's estimate_norm: size / 112), so arcface112 at 224 is arcface224
     np.testing.assert_allclose(arc112.at(224), arc224.at(224), atol=1e-5)
-    for name in list_templates():
-        points = get_template(name).at(get_template(name).size)
-        assert points[0, 0] < points[1, 0] and points[3, 0] < points[4, 0]  # image-left first
-        assert points[:2, 1].max() < points[2, 1] < points[3:, 1].min()  # eyes above nose above mouth
     with pytest.raises(UnknownNameError, match="arcface112"):
         get_template("arcface111")
+
+
+@pytest.mark.parametrize("name", list_templates())
+def test_every_template_is_a_face_in_its_crop(name):
+    template = get_template(name)
+    points = template.at(template.size)
+    assert points.shape == (5, 2) and (points > 0).all() and (points < template.size).all()
+    assert points[0, 0] < points[1, 0] and points[3, 0] < points[4, 0]  # image-left first
+    assert points[:2, 1].max() < points[2, 1] < points[3:, 1].min()  # eyes above nose above mouth
 
 
 def test_umeyama_recovers_a_known_similarity_exactly():

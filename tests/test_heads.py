@@ -29,6 +29,7 @@ from fer_bench.eval import evaluate
 from fer_bench.eval.head_metrics import map_cosine
 from fer_bench.models import create_model
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint
+from fer_bench.models.heads import list_heads
 from fer_bench.models.heads.anchors import (
     AnchorHead,
     anchor_distribution,
@@ -370,7 +371,7 @@ def _batch(tiny_synthfer: Path, *, heatmaps: bool, occlusion: bool) -> dict[str,
 
 
 @pytest.mark.parametrize("backbone", [VIT, SWIN], ids=["vit", "swin"])
-@pytest.mark.parametrize("head", ["au_heatmap", "anchors", "occlusion"])
+@pytest.mark.parametrize("head", list_heads())
 def test_each_head_trains_and_its_losses_decrease(tiny_synthfer, backbone, head):
     torch.manual_seed(0)
     name, kwargs = backbone
@@ -396,17 +397,20 @@ def test_each_head_trains_and_its_losses_decrease(tiny_synthfer, backbone, head)
         if head == "anchors":  # the centre term is confidence-weighted: the distance itself must shrink
             nearest = outputs["anchor_distances"][torch.arange(16), batch["label"]].amin(dim=1).mean()
             history[-1]["nearest_true_anchor"] = float(nearest.detach())
-    expected = {
+    decreasing = {
         "au_heatmap": ["au_align", "ce"],
         "anchors": ["nearest_true_anchor", "ce"],
         "occlusion": ["occ_detect", "occ_recon", "ce"],
-    }[head]
+    }
+    assert head in decreasing, f"head {head!r} is registered: name the loss terms its training must lower"
+    expected = decreasing[head]
     for term in expected:
         assert history[-1][term] < history[1][term], (term, [h[term] for h in history])
 
 
 @pytest.mark.parametrize("backbone", [VIT, SWIN], ids=["vit", "swin"])
 def test_all_heads_train_through_a_recipe_and_round_trip_a_checkpoint(tiny_synthfer, tmp_path, backbone):
+    assert set(ALL_HEADS) == set(list_heads())  # every registered head, together
     name, kwargs = backbone
     recipe = tiny_recipe_dict(tiny_synthfer, tmp_path, **{"tracking.enabled": False})
     recipe["model"] = {"backbone": name, "backbone_kwargs": kwargs, "heads": ALL_HEADS}
@@ -490,7 +494,7 @@ def test_one_class_detector_flags_tokens_unlike_the_clean_ones():
     head = model.heads["occlusion"]
     model.eval()
     out = model(torch.randn(2, 3, 32, 32))
-    assert not out["occlusion_flags"].any() or float(head.clean_seen) > 0  # never fitted: flags nothing
+    assert float(head.clean_seen) == 0 and not out["occlusion_flags"].any()  # never fitted: flags nothing
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():

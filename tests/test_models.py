@@ -19,21 +19,48 @@ SMALL_SWIN = {"depths": (1, 1), "embed_dim": 24, "num_heads": (1, 2), "window_si
         ("vit_tiny_patch16_224", SMALL_VIT, 32, 2, 48),
         ("vit_tiny_patch16_224", SMALL_VIT, 64, 4, 48),
         ("vit_tiny_patch16_224", {**SMALL_VIT, "patch_size": 8}, 64, 8, 48),
+        ("vit_tiny_patch16_224", {**SMALL_VIT, "patch_size": 8, "global_pool": "avg"}, 32, 4, 48),
         ("vit_tiny_r_s16_p8_224", {"depth": 1}, 64, 2, 192),
         ("swin_tiny_patch4_window7_224", SMALL_SWIN, 32, 4, 48),
         ("swin_tiny_patch4_window7_224", SMALL_SWIN, 64, 8, 48),
     ],
 )
 def test_logits_embedding_and_token_map_shapes(backbone, kwargs, img_size, grid, channels):
+    torch.manual_seed(0)
     model = create_model(backbone, num_classes=7, img_size=img_size, **kwargs).eval()
     x = torch.randn(2, 3, img_size, img_size)
-    out = model(x)
+    with torch.no_grad():
+        out = model(x)
+        tokens = model.token_map(x)
     assert out["logits"].shape == (2, 7)
-    assert out["embedding"].shape[0] == 2
-    tokens = model.token_map(x)
+    assert out["embedding"].shape == (2, channels)
     assert tokens.shape == (2, channels, grid, grid)
-    # The token map is the backbone's own features: pooling them reproduces the logits.
-    assert torch.isfinite(tokens).all()
+
+    # The pooling the model claims, computed independently: the same weights in a plain timm model, pooled by hand
+    # from timm's own forward_features (ViT [B, prefix + N, C] after the final norm; Swin [B, H, W, C]).
+    reference = timm.create_model(backbone, num_classes=7, img_size=img_size, **kwargs).eval()
+    reference.load_state_dict(model.backbone.state_dict())
+    with torch.no_grad():
+        features = reference.forward_features(x)
+        if backbone.startswith("swin"):
+            assert features.shape == (2, grid, grid, channels)
+            pooled = features.mean(dim=(1, 2))  # Swin: the mean of the final tokens
+            from_map = tokens.mean(dim=(2, 3))
+        elif kwargs.get("global_pool") == "avg":
+            patches = features[:, reference.num_prefix_tokens :]  # [B, N, C]: the class token left out of the mean
+            pooled = reference.fc_norm(patches.mean(dim=1))  # timm normalises after averaging when pooling avg
+            from_map = reference.fc_norm(tokens.mean(dim=(2, 3)))
+        else:
+            pooled = features[:, 0]  # the class token, already normalised
+            from_map = None
+        expected_logits = reference.get_classifier()(pooled)
+    torch.testing.assert_close(out["embedding"], pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["logits"], expected_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["logits"], reference(x).detach(), rtol=1e-5, atol=1e-5)
+    if from_map is not None:  # average pooling: the token map holds exactly the tokens that are averaged
+        torch.testing.assert_close(out["embedding"], from_map, rtol=1e-5, atol=1e-5)
+    else:  # class-token pooling: the embedding is not the mean of the patch tokens (the token map leaves it out)
+        assert not torch.allclose(out["embedding"], tokens.mean(dim=(2, 3)), atol=1e-3)
 
 
 def test_vit_token_map_drops_the_class_token():

@@ -3,14 +3,42 @@ dataset and its options; the report never prints an empty field; MLflow tags mea
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from fer_bench.cli import app
-from fer_bench.eval.protocols import protocol_for
+from fer_bench.data import dataset_options, list_datasets
+from fer_bench.eval.protocols import (
+    get_protocol,
+    list_protocols,
+    load_protocol_data,
+    protocol_for,
+    protocol_rows,
+)
+from tests import formats
 from tests.conftest import tiny_recipe_dict
 
 runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", list_protocols())
+def test_every_protocol_reads_its_dataset_and_scores_rows(tmp_path, name):
+    """Each registered protocol names a registered dataset and options its adapter takes, reads a fixture tree in
+    that dataset's format, scores some rows of it, and (when it scores all rows) is what training on that dataset
+    with those options is scored under."""
+    protocol = get_protocol(name)
+    assert protocol.name == name and protocol.version >= 1 and protocol.description
+    assert protocol.dataset in list_datasets()
+    assert set(protocol.options) <= set(dataset_options(protocol.dataset)), protocol.options
+    root, options = formats.dataset_tree(protocol.dataset, tmp_path / "data")
+    info = load_protocol_data(protocol, root, {k: v for k, v in options.items() if k not in protocol.options})
+    rows = protocol_rows(protocol, info)
+    assert len(rows) > 0 and set(rows["split"]) == {protocol.split}
+    if protocol.subset is None:
+        assert protocol_for(protocol.dataset, protocol.options, split=protocol.split).name == name
+    else:
+        assert len(rows) < len(info.split(protocol.split))  # the subset is a strict part of the split
 
 
 def test_protocols_resolve_from_the_dataset_and_its_options():

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import pickle
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,22 +88,44 @@ def test_existing_run_is_not_overwritten(tiny_synthfer, tmp_path):
 
 
 class _Payload:
+    """Unpickling this creates the folder ``marker``: a visible stand-in for code a malicious checkpoint would run,
+    through ``os.mkdir`` (a module torch's weights-only unpickler blocks) or ``exec`` (a builtin it does not allow)."""
+
+    def __init__(self, marker: Path, via: str) -> None:
+        self.marker, self.via = marker, via
+
     def __reduce__(self):
-        return (print, ("this would run",))
+        if self.via == "os":
+            return (os.mkdir, (str(self.marker),))
+        return (exec, (f"import os; os.mkdir({str(self.marker)!r})",))
 
 
-def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+@pytest.mark.parametrize("via", ["os", "exec"])
+def test_checkpoint_with_pickled_object_is_refused(tmp_path, via):
     path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "recipe": {}, "payload": _Payload()}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    marker = tmp_path / "payload_ran"
+    torch.save({"model": {}, "recipe": {}, "payload": _Payload(marker, via)}, path)
+    with pytest.raises(CheckpointError, match="refused — it holds objects that only a full unpickle could load"):
         load_checkpoint(path)
+    assert not marker.exists()  # refused without running the payload
+    # the payload is live: plain unpickling runs it, which is what load_checkpoint must never do
+    pickle.loads(pickle.dumps(_Payload(marker, via)))
+    assert marker.is_dir()
+
+
+def test_unreadable_or_foreign_checkpoints_are_named(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint|refused"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "bare.pt").write_bytes(b"\x80\x04garbage")  # a bare pickle header: torch would warn, then fail
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="bare.pt: not a readable checkpoint"):
+            load_checkpoint(tmp_path / "bare.pt")
+    assert [str(w.message) for w in seen] == []  # the error is the one line the user sees
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a fer_bench checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
-    assert pickle  # the payload above is only ever unpickled by a full (unsafe) load
 
 
 def test_unreachable_tracking_store_does_not_stop_training(tiny_synthfer, tmp_path):
@@ -128,6 +154,18 @@ def test_compiled_training_keeps_plain_checkpoint_keys_and_reports_compile_time(
     assert not any("_orig_mod" in key for key in state["model"])  # compiled in place: the keys of the module
     model_from_checkpoint(state)  # loads strictly into an uncompiled model
     assert any("runtime.compile: the first step took" in m for m in messages)
+    # compiling for a CPU drops torch's "No CUDA runtime is found" line (an nvcc on the PATH, no GPU), nothing else
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    cpp_extension.addHandler(handler)
+    try:
+        cpp_extension.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        cpp_extension.warning("Error checking compiler version for %s", "c++")
+    finally:
+        cpp_extension.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Error checking compiler version for c++"]
     import mlflow
 
     mlflow.set_tracking_uri(recipe["tracking"]["tracking_uri"])

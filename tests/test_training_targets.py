@@ -9,7 +9,7 @@ import torch
 from fer_bench.data import get_dataset, with_validation_split
 from fer_bench.data.sampling import epoch_order
 from fer_bench.train import fit, recipe_from_dict
-from fer_bench.train.losses import classification_loss
+from fer_bench.train.losses import MULTI_TARGET_EPSILON, classification_loss
 from tests import formats
 from tests.conftest import tiny_recipe_dict
 
@@ -18,10 +18,28 @@ def test_multi_target_loss_counts_any_chosen_class_as_right():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
     target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])  # both rows: class 0 or 1 is right
     loss = classification_loss(logits, labels=torch.tensor([0, 0]), target=target, target_kind="multi_target")
-    p = logits.softmax(1).max(1).values
-    assert torch.isclose(loss, -torch.log(0.999 * p + 0.001 * p).mean(), atol=1e-3)
+    p = logits.softmax(1)
+    chosen = p[:, :2].max(1).values  # the most probable chosen class: weight (1 - ε) + ε = 1
+    assert torch.isclose(loss, -torch.log(chosen).mean(), atol=1e-6)
     soft = classification_loss(logits, labels=torch.tensor([0, 0]), target=target, target_kind="soft")
     assert soft > loss  # cross-entropy against (0.5, 0.5) penalises the confident rows
+
+
+def test_multi_target_epsilon_bounds_the_loss_of_a_confidently_wrong_row():
+    """t' = (1-ε)·[t > 0] + ε gives every class a weight of at least ε: when the model puts so much on an unchosen
+    class that ε·p_unchosen > p_chosen, the max picks that class and the loss is capped near -log ε."""
+    logits = torch.tensor([[0.0, 0.0, 12.0], [4.0, 0.0, 0.0]])  # row 0: confidently wrong; row 1: right
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    p = logits.softmax(1)
+    assert MULTI_TARGET_EPSILON * p[0, 2] > p[0, :2].max()  # the input reaches the ε branch
+    loss = classification_loss(logits, labels=torch.tensor([0, 0]), target=target, target_kind="multi_target")
+    with_epsilon = -torch.log(torch.stack([MULTI_TARGET_EPSILON * p[0, 2], p[1, 0]])).mean()
+    without_epsilon = -torch.log(torch.stack([p[0, :2].max(), p[1, 0]])).mean()  # max over the chosen classes only
+    assert torch.isclose(loss, with_epsilon, rtol=1e-5)
+    assert without_epsilon - loss > 2.0  # ε caps row 0 at -log(0.001) ≈ 6.9 instead of ≈ 12
+    # a row the model gets right is untouched by ε
+    right = classification_loss(logits[1:], labels=torch.tensor([0]), target=target[1:], target_kind="multi_target")
+    assert torch.isclose(right, -torch.log(p[1, 0]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["crossentropy", "probability", "multi_target"])

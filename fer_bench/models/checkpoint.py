@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A file that is a bare pickle (not torch's zip format) makes the weights-only unpickler warn that its
+            # protocol is not torch's default; the load then succeeds or fails into a CheckpointError naming the
+            # file, so the warning would only precede that one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        # torch's weights-only unpickler names the object it refused ("Unsupported global: GLOBAL builtins.print");
+        # torch's weights-only unpickler names the object it refused ("Unsupported global: GLOBAL builtins.print",
+        # or "Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked" for os, subprocess...);
         # anything else (an invalid load key) means the bytes are not a pickle at all
-        refused = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), None)
+        refused = next((line.strip() for line in text.splitlines() if "unsupported global" in line.lower()), None)
         if refused:
             raise CheckpointError(
                 f"{path}: refused — it holds objects that only a full unpickle could load ({refused[:160]}); "

@@ -75,6 +75,30 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 _TIMING_COLUMNS = ("seconds", "img_per_s")
 
 
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix``; the logger's other records pass."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# torch.compile on a CPU imports torch.utils.cpp_extension, which warns "No CUDA runtime is found, using
+# CUDA_HOME=..." whenever an nvcc is on the PATH of a machine running CPU torch (or no GPU). Inductor's CPU code
+# needs no CUDA, so the line only alarms; torch offers no argument to skip the check, hence this narrow filter.
+_NO_CUDA_RUNTIME = _DropMessage("No CUDA runtime is found")
+
+
+def quiet_cpu_compile() -> None:
+    """Silence torch's "No CUDA runtime is found" warning before torch.compile of a model that runs on a CPU."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if _NO_CUDA_RUNTIME not in logger.filters:
+        logger.addFilter(_NO_CUDA_RUNTIME)
+
+
 @dataclass
 class FitResult:
     output_dir: Path
@@ -526,6 +550,8 @@ class _Run:
         self.compile_seconds = None
         self.forward_model: torch.nn.Module = self.model
         if self.recipe.runtime.compile:
+            if self.device.type != "cuda":
+                quiet_cpu_compile()
             # in place: state_dict keys stay as they are; before DDP, as timm and nanoGPT do
             self.model.compile(backend=self.recipe.runtime.compile_backend)
         if self.ctx.distributed:

@@ -27,7 +27,7 @@ class AlignConfig(_Section):
 
     template: str  # arcface112 | arcface224 | rafdb_like | ffhq512 (fer_bench.faces.list_templates())
     landmarks: Literal["detector", "dataset"] = "detector"  # dataset: the landmarks the dataset ships
-    detector: Literal["mtcnn", "retinaface"] = "mtcnn"
+    detector: str = "mtcnn"  # a registered face detector (fer_bench.faces.list_detectors()): mtcnn | retinaface
     detector_weights: str | None = None  # a local weights file; None: the usual places (README, "Faces")
     select: Literal["largest", "confident", "drop"] = "largest"  # an image with several faces
 
@@ -38,6 +38,15 @@ class AlignConfig(_Section):
 
         if value not in list_templates():
             raise ValueError(f"unknown template {value!r}; expected one of {', '.join(list_templates())}")
+        return value
+
+    @field_validator("detector")
+    @classmethod
+    def _known_detector(cls, value: str) -> str:
+        from fer_bench.faces import list_detectors
+
+        if value not in list_detectors():
+            raise ValueError(f"unknown face detector {value!r}; expected one of {', '.join(list_detectors())}")
         return value
 
 
