@@ -181,6 +181,8 @@ def train(
                 f"instead: torchrun --standalone --nproc-per-node {gpus} -m fer_bench {cpu}"
             )
         raise typer.Exit(subprocess.call(torchrun_command(gpus, args)))
+    from fer_bench.train.tracking import runs_page_url
+
     with _progress() as progress:
         result = fit(config, resume=resume, callbacks=_CliCallbacks(progress), recipe_path=recipe_path)
     out = result.output_dir
@@ -194,7 +196,9 @@ def train(
         stdout.print(f"report: {out / 'eval' / 'report.md'}")
     if result.run_id:
         stdout.print(
-            f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {config.tracking.tracking_uri}", highlight=False
+            f"MLflow run {result.run_id}: mlflow ui --backend-store-uri {config.tracking.tracking_uri}, then "
+            f"{runs_page_url(result.experiment_id)}",
+            highlight=False,
         )
 
 
@@ -218,7 +222,17 @@ def recipes_cmd() -> None:
 # eval
 
 
-def _log_eval_run(results: dict, paths: dict, *, tracking_uri: str, experiment: str, run_name: str, tags: dict) -> None:
+def _log_eval_run(
+    results: dict,
+    paths: dict,
+    *,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict,
+    test_input=None,
+) -> None:
+    """A top-level MLflow run for ``ferbench eval`` (``test_input``: the scored rows as its dataset input)."""
     from fer_bench.train.tracking import Tracker, flat_metrics
 
     tracker = Tracker(
@@ -229,6 +243,8 @@ def _log_eval_run(results: dict, paths: dict, *, tracking_uri: str, experiment: 
         warn=lambda m: console.print(m),
     )
     tracker.set_tags({"kind": "eval", **tags})
+    if test_input is not None:
+        tracker.log_inputs([test_input])
     tracker.log_metrics(flat_metrics(results))
     for path in paths.values():
         tracker.log_artifact(path, "eval")
@@ -431,7 +447,20 @@ def eval_(
         out = out or checkpoint.parent / (f"eval-{protocol.name}" + (f"-{perturb}" if perturb else ""))
     paths = write_report(results, out)
     if not no_tracking:
+        from fer_bench.eval.protocols import protocol_rows
+        from fer_bench.train.tracking import split_input
+
         recipe_tracking = (state or {}).get("recipe", {}).get("tracking", {})
+        try:
+            test_input = split_input(
+                name=protocol.name,
+                context="test",
+                rows=protocol_rows(protocol, info),
+                source=info.root,
+                dataset_hash=results["dataset_hash"],
+            )
+        except Exception:  # an extra for the MLflow UI: never a reason to fail an evaluation
+            test_input = None
         _log_eval_run(
             results,
             paths,
@@ -447,6 +476,7 @@ def eval_(
                 "train_run_id": (state or {}).get("mlflow_run_id") or "",
                 "backbone": (state or {}).get("model_config", {}).get("backbone", ""),
             },
+            test_input=test_input,
         )
     if as_json:
         sys.stdout.write(paths["results"].read_text())
@@ -826,6 +856,7 @@ def compare_cmd(
     With --a A.csv --b B.csv --dataset NAME --root DIR: a paired bootstrap test of two submissions instead.
     """
     from fer_bench.eval.compare import compare_runs, comparison_plot
+    from fer_bench.train.tracking import runs_page_url
 
     if a is not None or b is not None:
         from fer_bench.errors import ConfigError
@@ -875,7 +906,8 @@ def compare_cmd(
     stdout.print(view)
     stdout.print(
         f"plot: {comparison_plot(table, metric=metric, path=plot)}; the same runs in MLflow's own UI: "
-        f"mlflow ui --backend-store-uri {tracking_uri}",
+        f"mlflow ui --backend-store-uri {tracking_uri}, then "
+        f"{runs_page_url(ids[0] if len(ids := table['experiment_id'].unique()) == 1 else None)}",
         highlight=False,
     )
 

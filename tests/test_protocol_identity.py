@@ -66,8 +66,13 @@ def test_train_and_eval_runs_carry_the_same_protocol(tiny_synthfer, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     tags = [r.data.tags for r in runs]
-    assert len(runs) == 2 and {t.get("kind", "train") for t in tags} == {"train", "eval"}
+    # the training run, its evaluation (a child run) and the separate eval run (a run of its own)
+    assert len(runs) == 3 and sorted(t["kind"] for t in tags) == ["eval", "eval", "train"]
     assert {(t["dataset"], t["protocol"], t["protocol_version"]) for t in tags} == {("synthfer", "synthfer", "1")}
+    (train,) = [r for r in runs if r.data.tags["kind"] == "train"]
+    parents = sorted(r.data.tags.get("mlflow.parentRunId", "") for r in runs if r.data.tags["kind"] == "eval")
+    assert parents == ["", train.info.run_id]
     shown = runner.invoke(app, ["compare", "--dataset", "synthfer", "--tracking-uri", uri], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
-    assert shown.output.count("synthfer") >= 2  # the training run and the eval run both listed
+    # the training run (once: its child run holds the same figures) and the eval run both listed
+    assert shown.output.count("synthfer") >= 2 and shown.output.count("tiny (tests)") == 1

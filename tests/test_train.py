@@ -55,7 +55,11 @@ def test_short_training_lowers_the_loss_and_writes_everything(tiny_synthfer, tmp
     assert "val_acc" in run.data.metrics and "test/acc" in run.data.metrics
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "train_loss")
     assert len(history) == 5
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "eval")}
+    # the test report lives on the evaluation's own run, a child of the training run
+    (child,) = mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'", output_format="list", experiment_names=["tests"]
+    )
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id, "eval")}
     assert "eval/report.md" in artifacts
 
 

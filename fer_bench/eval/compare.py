@@ -21,10 +21,11 @@ def compare_runs(
     metric: str = "acc",
     split: str = "test",
 ) -> pd.DataFrame:
-    """Finished runs with ``<split>/<metric>``, best first, via ``mlflow.search_runs``.
+    """Finished runs with ``<split>/<metric>``, best first, via ``mlflow.search_runs``. A training run's evaluation
+    (its child run, ``kind=eval``) is listed once, as the training run; ``ferbench eval``'s own runs are listed.
 
-    Columns: run_id, run_name, experiment, dataset, backbone, the metric with its CI, mean class accuracy, macro-F1,
-    ECE, and the largest fairness gaps across group columns (max group gap, equal-opportunity gap).
+    Columns: run_id, run_name, experiment, experiment_id, dataset, backbone, the metric with its CI, mean class
+    accuracy, macro-F1, ECE, and the largest fairness gaps across group columns (max group gap, equal-opportunity gap).
     """
     import mlflow
 
@@ -53,10 +54,14 @@ def compare_runs(
     if runs.empty or column not in runs.columns:
         return pd.DataFrame()
     runs = runs[runs[column].notna()]
+    if "tags.mlflow.parentRunId" in runs.columns:
+        # a training run's evaluation is its child run with the same figures: the training run's row stands for both
+        repeated = runs["tags.mlflow.parentRunId"].isin(set(runs["run_id"])) & (_column(runs, "tags.kind") == "eval")
+        runs = runs[~repeated]
     names = {e.experiment_id: e.name for e in experiments}
 
     def col(name: str) -> pd.Series:
-        return runs[name] if name in runs.columns else pd.Series([math.nan] * len(runs), index=runs.index)
+        return _column(runs, name)
 
     def worst(suffix: str) -> tuple[pd.Series, pd.Series]:
         """The largest gap over group columns, and which group column it is (``metrics.test/fair/<col>/<gap>``)."""
@@ -76,6 +81,7 @@ def compare_runs(
             "run_id": runs["run_id"],
             "run_name": col("tags.mlflow.runName"),
             "experiment": runs["experiment_id"].map(names),
+            "experiment_id": runs["experiment_id"],
             "dataset": col("tags.dataset"),
             "protocol": col("tags.protocol"),
             "backbone": col("tags.backbone"),
@@ -93,6 +99,11 @@ def compare_runs(
     )
     ascending = metric in ("ece", "nll", "brier")
     return table.sort_values(metric, ascending=ascending).reset_index(drop=True)
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """``frame[name]``, or a column of NaN where MLflow returned no such column (no run has that tag or metric)."""
+    return frame[name] if name in frame.columns else pd.Series([math.nan] * len(frame), index=frame.index)
 
 
 def comparison_plot(table: pd.DataFrame, *, metric: str, path: str | os.PathLike) -> Path:

@@ -26,7 +26,7 @@ from fer_bench._io import atomic_write_text
 from fer_bench.data.prepare import face_framing
 from fer_bench.errors import ConfigError
 from fer_bench.eval import evaluate, write_report
-from fer_bench.eval.protocols import protocol_of
+from fer_bench.eval.protocols import protocol_of, protocol_rows
 from fer_bench.models import FerModel, create_model, set_fused_attention
 from fer_bench.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from fer_bench.runtime import (
@@ -47,7 +47,7 @@ from fer_bench.train.checkpoints import BEST, LAST, check_best, clean_partial_wr
 from fer_bench.train.data_setup import build_loaders, dataset_for_run, describe_heads, resolve_loader
 from fer_bench.train.loop import EpochTally, train_steps, validate
 from fer_bench.train.recipe import Recipe, parse_interval, recipe_from_dict
-from fer_bench.train.tracking import Tracker, flat_metrics, resume_tracker
+from fer_bench.train.tracking import SplitInput, Tracker, flat_metrics, resume_tracker, split_input
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class FitResult:
     test_results: dict[str, Any] | None = None
     run_id: str | None = None
     summary: list[dict[str, float]] = field(default_factory=list)
+    experiment_id: str | None = None
 
 
 class Callbacks:
@@ -294,6 +295,7 @@ class _Run:
             test_results,
             self.run_id,
             self.summary,
+            self.tracker.experiment_id if self.tracker is not None else None,
         )
 
     def _take_folder(self) -> None:
@@ -626,6 +628,7 @@ class _Run:
             self.tracker.log_params(self.recipe_dict)
             self.tracker.set_tags(
                 {
+                    "kind": "train",
                     "dataset": info.name,
                     "layout": info.layout,
                     "protocol": self.protocol.name,
@@ -637,10 +640,32 @@ class _Run:
                     **run_facts,
                 }
             )
+            self.tracker.log_inputs(self._split_inputs())
             self.tracker.log_artifact(self.out / "recipe.resolved.yaml", "recipe")
             if self.recipe_path is not None:
                 self.tracker.log_artifact(self.recipe_path, "recipe")
         self.run_id = self.tracker.run_id
+
+    def _split_inputs(self) -> list[SplitInput]:
+        """The splits this run uses (train, val, and test when the best checkpoint is evaluated), as MLflow inputs.
+
+        The test rows are the protocol's (its subset, if any), hashed as the evaluator hashes them. A split that
+        cannot be described is left out with one message: tracking extras never stop a training.
+        """
+        if not self.tracker.active:
+            return []
+        data = self.recipe.data
+        splits = {"train": data.train_split, "val": data.val_split}
+        if self.recipe.eval_after:
+            splits["test"] = data.test_split
+        inputs = []
+        for context, split in splits.items():
+            try:
+                rows = protocol_rows(self.protocol, self.info) if context == "test" else self.info.split(split)
+                inputs.append(split_input(name=self.protocol.name, context=context, rows=rows, source=self.info.root))
+            except Exception as exc:
+                self.cb.message(f"MLflow: the {context} split ({split!r}) is not recorded as a dataset input ({exc})")
+        return inputs
 
     def _log_missing_epochs(self) -> None:
         """Epoch rows the checkpoint holds but MLflow missed (the run was killed between the two writes)."""
@@ -847,17 +872,51 @@ class _Run:
                 )
                 test_results["checkpoint"] = str(best_path)
                 test_results["checkpoint_step"] = step
-                paths = write_report(test_results, self.out / "eval")
-                for path in paths.values():
-                    tracker.log_artifact(path, "eval")
+                write_report(test_results, self.out / "eval")
             prefix = self.recipe.data.test_split
             # logged at the best weights' step: a resumed, finished run finds them there and does not log them again
             step = int(test_results.get("checkpoint_step") or 0)
             if step not in tracker.logged_steps(f"{prefix}/acc"):
-                tracker.log_metrics(flat_metrics(test_results, prefix=prefix), step=step)
+                metrics = flat_metrics(test_results, prefix=prefix)
+                tracker.log_metrics(metrics, step=step)  # the headline figures on the training run's row too
+                self._log_eval_run(test_results, metrics, step=step)
         tracker.log_artifact(self.out / "summary.csv")
         tracker.log_artifact(best_path, "checkpoints")
         return test_results
+
+    def _log_eval_run(self, results: dict[str, Any], metrics: dict[str, float], *, step: int) -> None:
+        """The evaluation as a child run of the training run: tagged as ``ferbench eval`` tags its runs, with the
+        test split as its dataset input, the metrics and the report files."""
+        protocol = self.protocol
+        tags = {
+            "kind": "eval",
+            "dataset": self.info.name,
+            "protocol": protocol.name,
+            "protocol_version": str(protocol.version),
+            "checkpoint": str(results.get("checkpoint") or ""),
+            "train_run_id": self.run_id or "",
+            "backbone": self.recipe.model.backbone,
+        }
+        with self.tracker.child(run_name=f"eval-{protocol.name}", tags=tags) as run:
+            try:
+                rows = protocol_rows(protocol, self.info)
+                run.log_inputs(
+                    [
+                        split_input(
+                            name=protocol.name,
+                            context="test",
+                            rows=rows,
+                            source=self.info.root,
+                            dataset_hash=results["dataset_hash"],
+                        )
+                    ]
+                )
+            except Exception as exc:
+                self.cb.message(f"MLflow: the test split is not recorded as the eval run's dataset input ({exc})")
+            run.log_metrics(metrics, step=step)
+            for path in sorted((self.out / "eval").iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    run.log_artifact(path, "eval")
 
 
 def _read_results(path: Path) -> dict[str, Any] | None:
