@@ -19,8 +19,8 @@ test: $(BIN)/ferbench
 	$(BIN)/python -m pytest -q tests
 
 lint: $(BIN)/ferbench
-	$(BIN)/ruff check fer_bench tests benchmarks
-	$(BIN)/ruff format --check fer_bench tests benchmarks
+	$(BIN)/ruff check fer_bench tests benchmarks tools
+	$(BIN)/ruff format --check fer_bench tests benchmarks tools
 
 clean-runs:
 	rm -rf runs/quickstart
