@@ -53,6 +53,32 @@ def resample_within(counts: np.ndarray, *, n_resamples: int, seed: int) -> np.nd
     return out
 
 
+def resample_rows(counts: np.ndarray, *, n_resamples: int, seed: int, pseudo: float = 0.5) -> np.ndarray:
+    """Replicates [B, G, K, K] of per-group confusion matrices [G, K, K], each (group, true class) row redrawn with
+    its count fixed, from the row's frequencies smoothed by ``pseudo`` per cell: (count + pseudo) / (n + pseudo K).
+
+    Why smoothed: a cell never observed has zero bootstrap variance, so rates conditional on the true class (recall,
+    P(pred | true)) in small rows would look exact; the add-½ (Jeffreys-like) pseudo-count gives them the spread of
+    a plausible rate instead. Rows without images stay empty.
+
+    Example:
+        >>> r = resample_rows(np.array([[[5, 0], [1, 3]]]), n_resamples=200, seed=0)
+        >>> r.sum(axis=3)[:, 0].min(axis=0).tolist(), bool(r[:, 0, 0, 1].max() > 0)
+        ([5, 4], True)
+    """
+    counts = np.asarray(counts)
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n_resamples, *counts.shape), dtype=np.int64)
+    k = counts.shape[-1]
+    for g in range(counts.shape[0]):
+        for c in range(k):
+            total = int(counts[g, c].sum())
+            if total:
+                smoothed = (counts[g, c] + pseudo) / (total + pseudo * k)
+                out[:, g, c] = rng.multinomial(total, smoothed, size=n_resamples)
+    return out
+
+
 def percentile_interval(samples: np.ndarray, *, level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` percentile interval of bootstrap samples, ignoring NaN replicates.
 

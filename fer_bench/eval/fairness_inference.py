@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import random_table
 
-from fer_bench.eval.bootstrap import percentile_interval, resample_within
+from fer_bench.eval.bootstrap import percentile_interval, resample_rows, resample_within
 from fer_bench.eval.fairness import GAP_DEFINITIONS, rate_counts, rates
 from fer_bench.eval.metrics import macro_f1_from_cm, nanmean
 
@@ -72,9 +72,11 @@ def _smoothed_log(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def bounded_root_interval(
-    key: str, cm: np.ndarray, replicates: np.ndarray, *, level: float = 0.95
+    key: str, cm: np.ndarray, replicates: np.ndarray, *, level: float = 0.95, center: np.ndarray | None = None
 ) -> tuple[float, float]:
     """The bounded-root interval of gap ``key`` (module docstring) from groups' counts [G, K, K] and [B, G, K, K].
+
+    ``center``: the rates [G, C] the replicates were drawn around, when not the observed ones (smoothed rows).
 
     Example (two groups of 200, accuracies 0.80 and 0.70; the interval covers the 0.10 gap):
         >>> from fer_bench.eval.bootstrap import resample_within
@@ -91,7 +93,7 @@ def bounded_root_interval(
         return (float("nan"), float("nan"))
     if key in ("max_gap", "dem_parity_gap", "eq_opp_gap", "eq_odds_gap"):
         r_hat = rates(num, den)
-        z = rates(num_b, den_b) - r_hat
+        z = rates(num_b, den_b) - (r_hat if center is None else center)
         cells = (~np.isnan(r_hat)).sum(axis=0) >= 2
         z = np.where(cells, z, np.nan)
         ok = ~np.isnan(z)
@@ -103,9 +105,16 @@ def bounded_root_interval(
     if key == "worst_group_acc":
         r_hat = rates(num, den)[:, 0]
         z = rates(num_b, den_b)[:, :, 0] - r_hat
-        worst = int(np.nanargmin(r_hat))
         smallest = np.where(np.isnan(z), np.inf, z).min(axis=1)
-        return (max(0.0, value - _upper(z[:, worst], level)), min(1.0, value - _lower(smallest, level)))
+        # θ = r_a for the true worst group a, so the smallest of the groups' own lower bounds is below θ whenever
+        # a's is: no need to guess a. Each bound is taken on the arcsine scale, where a proportion's spread does
+        # not depend on its value (a rate estimated too high does not also get too small a spread).
+        angle = np.arcsin(np.sqrt((num[:, 0] + 0.5) / (den[:, 0] + 1.0)))  # [G]
+        angles = np.arcsin(np.sqrt((num_b[:, :, 0] + 0.5) / (den_b[:, :, 0] + 1.0)))  # [B, G]
+        reach = np.array([_upper(angles[:, g] - angle[g], level) for g in range(len(angle))])
+        bounds = np.sin(np.clip(angle - reach, 0.0, None)) ** 2
+        low = float(np.nanmin(np.where(den[:, 0] > 0, bounds, np.nan)))
+        return (max(0.0, min(low, value)), min(1.0, value - _lower(smallest, level)))
     if key == "min_max_ratio":
         log_hat = _smoothed_log(num, den)  # [G, 1]
         z = (_smoothed_log(num_b, den_b) - log_hat)[:, :, 0]
@@ -202,7 +211,11 @@ def gap_inference(
         (0.0, True, True)
     """
     cm = np.asarray(cm_g)[np.asarray(eligible, dtype=bool)]
+    # Replicates keep each group's size; for P(pred | true) over all K² cells, each (group, true class) row keeps
+    # its size and is drawn from smoothed frequencies, so that cells seen rarely or never still vary.
     replicates = resample_within(cm, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else None
+    row_replicates = resample_rows(cm, n_resamples=n_bootstrap, seed=seed + 1) if n_bootstrap else None
+    k = cm.shape[-1]
     rng = np.random.default_rng([seed, 1])
     null_counts: dict[str, np.ndarray] = {}
     out: dict[str, dict] = {}
@@ -217,10 +230,14 @@ def gap_inference(
             out[key] = entry
             continue
         if replicates is not None:
-            boot = functional(rates(*rate_counts(replicates, kind)))
-            bias = float(np.nanmean(boot)) - value if np.isfinite(boot).any() else 0.0
+            by_row = kind == "confusion"  # K² cells per group: many are rare, some unseen
+            draws = row_replicates if by_row else replicates
+            center = (num + 0.5) / np.where(den > 0, den + 0.5 * k, np.nan) if by_row else rates(num, den)
+            boot = functional(rates(*rate_counts(draws, kind)))
+            # bias of the functional at the distribution the replicates came from
+            bias = float(np.nanmean(boot)) - float(functional(center)) if np.isfinite(boot).any() else 0.0
             corrected = float(min(1.0, max(0.0, value - bias)))
-            low, high = bounded_root_interval(key, cm, replicates, level=level)
+            low, high = bounded_root_interval(key, cm, draws, level=level, center=center if by_row else None)
             # The roots bound the plug-in and the corrected estimate by construction (module docstring); the union
             # only matters where a resample leaves a cell empty or the ratio's smoothing shifts the log scale.
             entry |= {
