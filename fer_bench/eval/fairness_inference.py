@@ -18,7 +18,9 @@ FAccT 2022; Fang & Santos, Rev. Econ. Stud. 2019). For every gap this module rep
   Lee & Rosen, Econometrica 2013, on max/min bounds). Since θ* − θ̂ ≤ R_L* in every resample, θ̃ ≥ L, and θ̂ ≤ U:
   the interval contains both estimates. The worst group (a min), the min/max ratio (the same roots on
   log((correct + ½)/(n + 1))) and overall disparity (1 − mean/max per class, bounded through the same max) use
-  the matching one-sided bounds;
+  the matching one-sided bounds; the worst group's lower bound is the smallest of the groups' own bounds, on the
+  arcsine scale. Resamples keep each group's size; for equalized odds, whose K² cells are often rare or unseen,
+  each (group, true class) row keeps its size and is drawn from add-½ smoothed frequencies;
 * the **gap expected by chance**: the distribution of the same statistic when group membership is permuted
   (within true class for equal opportunity, equalized odds and overall disparity), drawn on counts (multivariate
   hypergeometric, or random tables with fixed margins), its median and 95th percentile, and the permutation
@@ -214,7 +216,9 @@ def gap_inference(
     # Replicates keep each group's size; for P(pred | true) over all K² cells, each (group, true class) row keeps
     # its size and is drawn from smoothed frequencies, so that cells seen rarely or never still vary.
     replicates = resample_within(cm, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else None
-    row_replicates = resample_rows(cm, n_resamples=n_bootstrap, seed=seed + 1) if n_bootstrap else None
+    wanted = [key for key in GAP_DEFINITIONS if keys is None or key in keys]
+    by_rows = n_bootstrap and any(GAP_DEFINITIONS[key][0] == "confusion" for key in wanted)
+    row_replicates = resample_rows(cm, n_resamples=n_bootstrap, seed=seed + 1) if by_rows else None
     k = cm.shape[-1]
     rng = np.random.default_rng([seed, 1])
     null_counts: dict[str, np.ndarray] = {}

@@ -190,7 +190,7 @@ def _report_md(results: dict[str, Any]) -> str:
             "the same statistic with group membership permuted (within true class for equal opportunity, "
             "equalized odds and overall disparity), its 95th percentile (5th where lower is worse) and the "
             "permutation p-value. Each p-value is for one gap on its own: across the many gaps, columns and "
-            "intersections of a report, about 1 in 20 with no real disparity still reads \"beyond chance\" "
+            'intersections of a report, about 1 in 20 with no real disparity still reads "beyond chance" '
             '(README, "Fairness").',
         ]
         for column, f in results["fairness"].items():
