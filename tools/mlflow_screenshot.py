@@ -13,10 +13,10 @@ Prerequisites (none of them is a project dependency):
 
 Commands (from the repository root; the server and the trainings run with the project's .venv):
 
-    # what made the README's pictures: a fresh store, two shortened quickstart runs (seeds 0 and 1)
-    /tmp/pwvenv/bin/python tools/mlflow_screenshot.py --train --workdir /tmp/mlflow_shots \\
-        --set optim.epochs=3 --set data.root=synthfer-small --set data.synth.size=64 \\
-        --set data.synth.n_train=2000 --set data.synth.n_val=400 --set data.synth.n_test=400
+    # what made the README's pictures: a fresh store, two full quickstart runs (seeds 0 and 1)
+    FER_BENCH_CACHE_DIR=/tmp/mlflow_full/cache /tmp/pwvenv/bin/python tools/mlflow_screenshot.py --train \\
+        --workdir /tmp/mlflow_full --set data.root=$PWD/data/synthfer
+    # shorter runs: add overrides, e.g. --set optim.epochs=3
     # or an existing store and experiment, as they are
     /tmp/pwvenv/bin/python tools/mlflow_screenshot.py --tracking-uri sqlite:///mlflow.db --experiment quickstart
 
