@@ -31,22 +31,18 @@ class AlignConfig(_Section):
     detector_weights: str | None = None  # a local weights file; None: the usual places (README, "Faces")
     select: Literal["largest", "confident", "drop"] = "largest"  # an image with several faces
 
-    @field_validator("template")
+    @field_validator("template", "detector")
     @classmethod
-    def _known_template(cls, value: str) -> str:
-        from fer_bench.faces import list_templates
+    def _registered(cls, value: str, info) -> str:
+        from fer_bench.faces import list_detectors, list_templates
 
-        if value not in list_templates():
-            raise ValueError(f"unknown template {value!r}; expected one of {', '.join(list_templates())}")
-        return value
-
-    @field_validator("detector")
-    @classmethod
-    def _known_detector(cls, value: str) -> str:
-        from fer_bench.faces import list_detectors
-
-        if value not in list_detectors():
-            raise ValueError(f"unknown face detector {value!r}; expected one of {', '.join(list_detectors())}")
+        kind, names = (
+            ("template", list_templates()) if info.field_name == "template" else ("face detector", list_detectors())
+        )
+        if value not in names:
+            raise ValueError(
+                f"unknown {kind} {value!r}; expected one of {', '.join(names)}.{did_you_mean(value, names)}"
+            )
         return value
 
 
