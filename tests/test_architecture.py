@@ -33,7 +33,13 @@ FORBIDDEN = {
     "train": {"fer_bench.cli"},
     "cli": set(),
 }
-PURE_METRICS = {"eval/metrics.py", "eval/bootstrap.py", "eval/fairness.py", "eval/fairness_inference.py"}
+PURE_METRICS = {
+    "eval/metrics.py",
+    "eval/bootstrap.py",
+    "eval/fairness.py",
+    "eval/fairness_inference.py",
+    "eval/significance.py",
+}
 
 
 def _layer(path: Path) -> str:
