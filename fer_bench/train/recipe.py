@@ -205,9 +205,10 @@ def parse_interval(value: int | str) -> tuple[str, float]:
     return "minutes", amount
 
 
-def _known_keys(loc: tuple) -> list[str]:
-    """The keys the recipe section at ``loc`` (a pydantic error location, without the bad key) accepts."""
-    model: Any = Recipe
+def _known_keys(loc: tuple, root: Any = None) -> list[str]:
+    """The keys the section at ``loc`` (a pydantic error location, without the bad key) of ``root`` (default: the
+    recipe) accepts."""
+    model: Any = root or Recipe
     for part in loc:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
@@ -216,13 +217,14 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def format_errors(exc: ValidationError, source: str, root: Any = None) -> str:
+    """One line naming every bad key of a ``root`` model (default: the recipe) with what was wrong."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _known_keys(err["loc"][:-1]))
+            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _known_keys(err["loc"][:-1], root))
         # our own validators already name the value they got
         said = err["type"] == "extra_forbidden" or "got " in msg
         found = "" if said else f" (got {err.get('input')!r})"
@@ -259,7 +261,7 @@ def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(format_errors(exc, source)) from None
     try:
         check_dataset_options(recipe.data.dataset, recipe.data.options)
     except FerBenchError as exc:
@@ -364,7 +366,7 @@ def shipped_recipes() -> list[ShippedRecipe]:
         try:
             recipe = Recipe.model_validate({"name": name, **data})
         except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, str(path))) from None
+            raise ConfigError(format_errors(exc, str(path))) from None
         out.append(ShippedRecipe(name, path, _leading_comment(text), recipe_needs(recipe)))
     return out
 
