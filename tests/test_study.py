@@ -59,8 +59,9 @@ def test_run_key_changes_with_any_setting_and_not_with_names(tmp_path):
         (GOOD.replace("optim.lr=0.0001", "optim.lrr=0.0001"), "arm 'small_lr': "),
         (GOOD.replace("base: quickstart", "base: quickstrat"), "base: recipe 'quickstrat'"),
         (GOOD.replace('arms:\n  base: []\n  small_lr: ["optim.lr=0.0001"]\n', "arms: {}\n"), "arms"),
-        ("- just\n- a list\n", "expected a mapping"),
-        ("name: [unclosed\n", "invalid YAML (line"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("# nothing\n", "the study is empty"),
+        ("name: [unclosed\n", "invalid YAML"),
     ],
 )
 def test_study_errors_name_the_key_and_what_is_wrong(tmp_path, text, message):

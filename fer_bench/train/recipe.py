@@ -273,25 +273,24 @@ def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (``yaml.safe_load``), apply ``--set`` overrides and validate it.
+def read_yaml_mapping(path: Path, *, kind: str) -> dict:
+    """A YAML file of ``kind`` ("recipe", "study") read with ``yaml.safe_load`` into a mapping.
 
     Raises:
-        ConfigError: missing file, invalid YAML (with line), unknown keys or bad values (with their dotted path).
+        ConfigError: missing file, not UTF-8 (with line and byte), empty, invalid YAML (with line), not a mapping.
     """
-    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
+        raise ConfigError(f"{path}: {kind} file not found")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the recipe as UTF-8"
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the {kind} as UTF-8"
         ) from None
     if not text.strip() or all(not s.strip() or s.lstrip().startswith("#") for s in text.splitlines()):
-        raise ConfigError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for one to start from")
+        raise ConfigError(f"{path}: the {kind} is empty; see recipes/quickstart.yaml for one to start from")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -299,7 +298,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         where = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {kind} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load``), apply ``--set`` overrides and validate it.
+
+    Raises:
+        ConfigError: missing file, invalid YAML (with line), unknown keys or bad values (with their dotted path).
+    """
+    path = Path(path)
+    data = read_yaml_mapping(path, kind="recipe")
     data.setdefault("name", path.stem)
     return recipe_from_dict(apply_overrides(data, overrides or []), source=str(path))
 

@@ -15,12 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fer_bench.errors import ConfigError
 from fer_bench.registry import did_you_mean
-from fer_bench.train.recipe import Recipe, format_errors, load_recipe, resolve_recipe
+from fer_bench.train.recipe import Recipe, format_errors, load_recipe, read_yaml_mapping, resolve_recipe
 
 #: Metrics a study can compare (headline metrics of the evaluator's results).
 STUDY_METRICS: tuple[str, ...] = ("acc", "mean_class_acc", "macro_f1")
@@ -75,24 +74,11 @@ def load_study(path: str | os.PathLike) -> tuple[StudySpec, dict[tuple[str, int]
     """Read and validate a study file; returns it with every (arm, seed) resolved into its recipe.
 
     Raises:
-        ConfigError: missing or unreadable file, bad YAML, unknown keys (with the nearest), pairs naming no arm,
+        ConfigError: missing, empty or unreadable file, bad YAML, unknown keys (with the nearest), pairs naming no arm,
             an arm's override that its recipe rejects (named with the arm).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study file not found") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of study keys, found {type(data).__name__}")
+    data = read_yaml_mapping(path, kind="study")
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
