@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from fer_bench.data import DatasetInfo, FaceDataset, create_transform
@@ -63,7 +62,8 @@ def evaluate(
     auto_hooks, data_options = head_metric_hooks(model, info, rows, label_names) if head_metrics else ([], {})
     hooks = list(hooks or []) + auto_hooks
 
-    def run(kind: str | None, run_hooks: list, options: dict[str, Any]) -> np.ndarray:
+    def run(kind: str | None, run_hooks: list, options: dict[str, Any]) -> dict[str, Any]:
+        """Scored results of one pass (clean, or under perturbation ``kind``) with its hooks' head metrics."""
         dataset = FaceDataset.from_info(
             info,
             split,
@@ -73,18 +73,25 @@ def evaluate(
             perturb_seed=perturb_seed,
             **options,
         )
-        probs = predict(
-            model,
-            dataset,
-            batch_size=batch_size,
-            device=device,
-            workers=workers,
-            tta=tta,
-            progress=progress,
-            hooks=run_hooks,
-            precision=precision,
-        )
-        return renormalize(probs[:, [list(label_names).index(n) for n in scored]])  # masked logits: columns left out
+        try:
+            probs = predict(
+                model,
+                dataset,
+                batch_size=batch_size,
+                device=device,
+                workers=workers,
+                tta=tta,
+                progress=progress,
+                hooks=run_hooks,
+                precision=precision,
+            )
+        finally:
+            if isinstance(model, FerModel):
+                model.attention_probe = probe
+        probs = renormalize(probs[:, [list(label_names).index(n) for n in scored]])  # masked logits: columns left out
+        results = score(probs=probs, **common)
+        results["heads"] = {hook.name: hook.result() for hook in run_hooks}
+        return results
 
     config = {
         "img_size": img_size,
@@ -108,12 +115,7 @@ def evaluate(
         seed=seed,
         min_group_size=min_group_size,
     )
-    try:
-        clean = score(probs=run(None, hooks, data_options), **common)
-    finally:
-        if isinstance(model, FerModel):
-            model.attention_probe = probe
-    clean["heads"] = {hook.name: hook.result() for hook in hooks}
+    clean = run(None, hooks, data_options)
     if not perturb:
         return clean
     # the head metrics again, on the perturbed images (fresh hooks: they accumulate); the occlusion perturbation's
@@ -122,12 +124,7 @@ def evaluate(
     if perturb == "occlusion":
         again = [h for h in again if not isinstance(h, OcclusionDetectionHook)]
         again_options.pop("occlusion_masks", None)
-    try:
-        perturbed = score(probs=run(perturb, again, again_options), **common)
-    finally:
-        if isinstance(model, FerModel):
-            model.attention_probe = probe
-    perturbed["heads"] = {hook.name: hook.result() for hook in again}
+    perturbed = run(perturb, again, again_options)
     perturbed["robustness"] = {
         "perturbation": perturb,
         "seed": perturb_seed,

@@ -3,12 +3,14 @@ and occluded-patch detection (precision, recall, F1, IoU). Hooks see every batch
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-class EvalHook:
+class EvalHook(abc.ABC):
     """A per-batch metric that lands in the evaluation report under ``heads/<name>``.
 
     Subclasses accumulate in :meth:`update` (called with the batch dict and the model's output dict, e.g. an
@@ -17,11 +19,13 @@ class EvalHook:
 
     name = "hook"
 
+    @abc.abstractmethod
     def update(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Accumulate one batch."""
 
+    @abc.abstractmethod
     def result(self) -> dict[str, float]:
-        raise NotImplementedError
+        """The metric over every batch seen."""
 
 
 def map_cosine(maps: torch.Tensor, targets: torch.Tensor, *, normalise: str = "shift") -> torch.Tensor:
