@@ -708,6 +708,124 @@ def _predict_faces(checkpoint, *, images, video, out, overlay, detector, detecto
     stdout.print("labels: " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
 
 
+study_app = typer.Typer(
+    help="Studies: the arms of a study file, each over several seeds, run and compared with a significance test "
+    "(README 'Studies').",
+    no_args_is_help=True,
+)
+app.add_typer(study_app, name="study")
+
+StudyFile = Annotated[Path, typer.Argument(help="A study file (studies/NAME.yaml).")]
+StudyOut = Annotated[
+    Path | None, typer.Option("--out", help="The study's run folder (default: its output_dir, runs/studies/NAME).")
+]
+
+
+@study_app.command("run")
+@_user_errors
+def study_run(
+    study: StudyFile,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Runs at once on this machine.")] = 1,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            "--gpus", min=0, help="GPUs of this machine, shared out among the parallel runs (DDP when one gets >1)."
+        ),
+    ] = 0,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this arm (repeatable).")] = None,
+    out: StudyOut = None,
+) -> None:
+    """Train every arm x seed of a study that is not finished yet (the pretraining run first).
+
+    A finished run (same resolved recipe, found by its hash) is skipped; an interrupted one continues with --resume.
+    Every run is an MLflow child of one study run, tagged with its arm and seed. Then: ferbench study report STUDY.
+    """
+    from fer_bench.train.study import load_study, run_study
+
+    spec = load_study(study, output_dir=str(out) if out else None)
+    outcomes = run_study(
+        spec, parallel=parallel, gpus=gpus, only=only, message=lambda m: console.print(m, highlight=False)
+    )
+    counts = {a: sum(1 for o in outcomes if o.action == a) for a in ("trained", "resumed", "skipped", "busy", "failed")}
+    stdout.print(", ".join(f"{n} {a}" for a, n in counts.items() if n) + f"; runs in {spec.out}", highlight=False)
+    if counts["failed"]:
+        raise typer.Exit(1)
+    stdout.print(f"next: ferbench study report {study}", highlight=False)
+
+
+@study_app.command("commands")
+@_user_errors
+def study_commands(
+    study: StudyFile,
+    gpus_per_run: Annotated[
+        int, typer.Option("--gpus-per-run", min=0, help="GPUs each run uses (>1: a torchrun DDP job).")
+    ] = 0,
+    out: StudyOut = None,
+) -> None:
+    """Print one self-contained shell command per run still to do, for any scheduler (a SLURM array, xargs -P).
+
+    Each line changes to this folder and runs ferbench train with the run's settings, its tags and the parent
+    study run; runs share the study's MLflow tracking URI, where ferbench study report finds them. While the
+    pretraining run is not finished, only its command is printed (the arms start from its checkpoint).
+    """
+    from fer_bench.train.study import load_study, remote_runs, run_state, shell_line, study_parent_run, train_command
+
+    spec = load_study(study, output_dir=str(out) if out else None)
+    remote = set(remote_runs(spec))
+    states = {run: run_state(run, eval_sets=spec.spec.eval_sets(), remote_finished=remote) for run in spec.runs}
+    todo = [run for run, state in states.items() if state in ("pending", "interrupted")]
+    pretrain = spec.pretrain
+    if pretrain is not None and states[pretrain] != "finished":
+        todo = [pretrain] if pretrain in todo else []
+        console.print(
+            "the arms start from the pretraining run's checkpoint: run this command first, then ferbench study "
+            "commands again",
+            highlight=False,
+        )
+    if not todo:
+        console.print(
+            f"nothing to run: {sum(s == 'finished' for s in states.values())} of {len(states)} runs "
+            "finished, the others running",
+            highlight=False,
+        )
+        return
+    parent = study_parent_run(spec, message=lambda m: console.print(m, highlight=False))
+    for run in todo:
+        args = train_command(
+            spec, run, parent_run_id=parent, resume=states[run] == "interrupted", gpus=gpus_per_run or None
+        )
+        print(shell_line(args, cwd=Path.cwd()))
+
+
+@study_app.command("report")
+@_user_errors
+def study_report(
+    study: StudyFile,
+    out: StudyOut = None,
+    report_dir: Annotated[
+        Path | None, typer.Option("--report-dir", help="Where report.md goes (default: the study's folder).")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Test-image resamples.")] = 1000,
+) -> None:
+    """Compare a study's runs: per arm mean +- std and pooled CI; per pair the two-source paired Welch t test,
+    Holm-adjusted, with a verdict; fairness gaps. Writes report.md, results.csv, results.json, arms.png, pairs.png.
+
+    Runs are read from their folders, or from the MLflow store the study logs to (runs trained elsewhere).
+    """
+    from fer_bench.train.study import load_study
+    from fer_bench.train.study_report import write_study_report
+
+    spec = load_study(study, output_dir=str(out) if out else None)
+    paths = write_study_report(
+        spec, out=report_dir, n_resamples=bootstrap, message=lambda m: console.print(m, highlight=False)
+    )
+    text = paths["report"].read_text()
+    pairs = text.split("## Pairs", 1)[1].split("\n## ", 1)[0] if "## Pairs" in text else ""
+    if pairs:
+        stdout.print("Pairs" + pairs.rstrip(), highlight=False, markup=False)
+    stdout.print(f"report: {paths['report']}; table: {paths['csv']}; plots: {paths['arms']}", highlight=False)
+
+
 leaderboard_app = typer.Typer(
     help="Leaderboards: submission templates, verified submissions, tables.", no_args_is_help=True
 )

@@ -91,6 +91,8 @@ def two_source_welch(
     *,
     num_classes: int,
     statistic: Callable[[np.ndarray], np.ndarray],
+    groups: np.ndarray | None = None,
+    num_groups: int = 1,
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -100,6 +102,8 @@ def two_source_welch(
     ``pred_a`` [k_A, n] and ``pred_b`` [k_B, n] hold each run's predicted classes for the same test images
     ``y_true`` [n]; ``statistic`` maps confusion matrices [..., K, K] to the metric. The test-set term is the
     variance of Δ* under image weights w ~ Multinomial(n, 1/n) shared by all runs (one weighted bincount per run).
+    With ``groups`` [n] (indices < ``num_groups``), ``statistic`` gets per-group confusion matrices [..., G, K, K]
+    instead (a fairness gap: the accuracy range over groups, ...).
 
     Example:
         >>> from fer_bench.eval.metrics import accuracy_from_cm
@@ -113,25 +117,84 @@ def two_source_welch(
     a, b = np.asarray(pred_a, dtype=np.int64), np.asarray(pred_b, dtype=np.int64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != len(y) or b.shape[1] != len(y):
         raise ValueError(f"pred_a, pred_b: expected [seeds, {len(y)}] arrays, got {a.shape} and {b.shape}")
-    k = num_classes
     n = len(y)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(np.float64)  # [R, n]
-
-    def metrics(preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cells = y[None, :] * k + preds  # [runs, n]
-        observed = np.stack([np.bincount(c, minlength=k * k).reshape(k, k) for c in cells])
-        resampled = np.stack(
-            [np.stack([np.bincount(c, weights=w, minlength=k * k) for w in weights]) for c in cells]
-        ).reshape(len(preds), n_resamples, k, k)
-        return statistic(observed), statistic(resampled)  # [runs], [runs, R]
-
-    score_a, boot_a = metrics(a)
-    score_b, boot_b = metrics(b)
+    weights = image_weights(n, n_resamples=n_resamples, seed=seed)
+    score_a, boot_a = _confusion_statistic(y, a, weights, num_classes, statistic, groups, num_groups)
+    score_b, boot_b = _confusion_statistic(y, b, weights, num_classes, statistic, groups, num_groups)
     v_a = float(np.var(score_a, ddof=1)) / len(a) if len(a) > 1 else 0.0
     v_b = float(np.var(score_b, ddof=1)) / len(b) if len(b) > 1 else 0.0
     v_t = float(np.nanvar(boot_a.mean(axis=0) - boot_b.mean(axis=0), ddof=1))
     return _welch(float(score_a.mean() - score_b.mean()), v_a, v_b, v_t, len(a), len(b), n, level)
+
+
+def image_weights(n: int, *, n_resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap weights of n test images, [R, n] ~ Multinomial(n, 1/n): one row per resample, shared by every run
+    scored on those images (the pairing)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(np.float64)
+
+
+def _confusion_statistic(
+    y: np.ndarray,
+    preds: np.ndarray,
+    weights: np.ndarray,
+    num_classes: int,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    groups: np.ndarray | None = None,
+    num_groups: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``statistic`` of each run's confusion matrix ([runs]) and of its image-weighted copies ([runs, R])."""
+    k = num_classes
+    shape = (k, k) if groups is None else (num_groups, k, k)
+    offset = 0 if groups is None else np.asarray(groups, dtype=np.int64) * k * k
+    size = int(np.prod(shape))
+    cells = offset + y[None, :] * k + preds  # [runs, n]
+    observed = np.stack([np.bincount(c, minlength=size).reshape(shape) for c in cells])
+    resampled = np.stack([np.stack([np.bincount(c, weights=w, minlength=size) for w in weights]) for c in cells])
+    return statistic(observed), statistic(resampled.reshape(len(preds), len(weights), *shape))
+
+
+def pooled_bootstrap_ci(
+    y_true: np.ndarray,
+    preds: np.ndarray,
+    *,
+    num_classes: int,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of an arm's seed-averaged metric when its test images are resampled: every seed's
+    predictions ``preds`` [k, n] are scored under the same image weights and averaged (seeds pooled).
+
+    It is the interval of the test-set source alone; the pair tests (:func:`two_source_welch`) add the seeds'.
+
+    Example:
+        >>> from fer_bench.eval.metrics import accuracy_from_cm
+        >>> y = np.repeat([0, 1], 200); p = np.stack([y, y]); p[0, :40] = 1
+        >>> low, high = pooled_bootstrap_ci(y, p, num_classes=2, statistic=accuracy_from_cm, n_resamples=500)
+        >>> low < 0.95 < high
+        True
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(preds, dtype=np.int64)
+    weights = image_weights(len(y), n_resamples=n_resamples, seed=seed)
+    _, boot = _confusion_statistic(y, p, weights, num_classes, statistic)
+    pooled = np.nanmean(boot, axis=0)
+    tail = (1 - level) / 2 * 100
+    return float(np.nanpercentile(pooled, tail)), float(np.nanpercentile(pooled, 100 - tail))
+
+
+def pooled_mean_ci(
+    values: np.ndarray, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """:func:`pooled_bootstrap_ci` for a per-image mean (``values`` [k, n]: one row per seed, e.g. correctness or
+    a per-image attention cosine): the percentile interval of the seed-averaged mean under image resampling."""
+    v = np.asarray(values, dtype=np.float64).mean(axis=0)
+    weights = image_weights(len(v), n_resamples=n_resamples, seed=seed)
+    means = weights @ v / len(v)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

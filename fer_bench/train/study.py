@@ -1,43 +1,139 @@
 """Study files (``studies/NAME.yaml``): many arms of one base recipe, each over several seeds, compared in pairs.
 
-A study names a base recipe (a file or a shipped name), its arms as lists of ``--set`` overrides, the seeds, the
-metric to compare and the pairs to test. It is validated like a recipe: unknown keys with the nearest ones, and
-every arm × seed resolved into a full recipe up front, so a bad override fails before anything trains. Each run is
-identified by the hash of its resolved recipe (:func:`run_key`): a finished run is found again by that key, and
-changing any setting makes a new run.
+A study names a base recipe (a file or a shipped name), its arms as lists of ``--set`` overrides, the seeds, extra
+evaluation sets (other datasets, test-time perturbations), the metric to compare and the pairs to test. It is
+validated like a recipe: unknown keys with the nearest ones, and every arm × seed resolved into a full recipe up front,
+so a bad override fails before anything trains.
+
+Each run is one ``ferbench train BASE --set ...`` command (:func:`train_command`), the same whether ``ferbench study
+run`` starts it on this machine or a scheduler starts what ``ferbench study commands`` prints. A run is identified by
+the hash of its resolved recipe (:func:`run_key`): a finished run is found again by that key (its folder's
+``done.json``, or a finished MLflow run tagged with it), an interrupted one is continued with ``--resume``, and
+changing any setting makes a new run in a new folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fer_bench.errors import ConfigError
 from fer_bench.registry import did_you_mean
 from fer_bench.train.recipe import Recipe, format_errors, load_recipe, read_yaml_mapping, resolve_recipe
 
-#: Metrics a study can compare (headline metrics of the evaluator's results).
-STUDY_METRICS: tuple[str, ...] = ("acc", "mean_class_acc", "macro_f1")
+#: Metrics a study can compare. acc, mean_class_acc and macro_f1 come from each run's confusion matrix; att_cos is
+#: the per-image cosine between the model's attention and the AU regions (SynthFER, ``au_heatmap`` probe).
+STUDY_METRICS: tuple[str, ...] = ("acc", "mean_class_acc", "macro_f1", "att_cos")
+#: The evaluation set every run has: the test split of its own training dataset.
+TEST_SET = "test"
+#: Recipe keys left out of a run's identity: names, where it writes and logs, what else it is scored on, and
+#: settings that change how fast it runs but not what it learns.
+IDENTITY_FREE: tuple[str, ...] = (
+    "name",
+    "output_dir",
+    "tracking",
+    "extra_evals",
+    "eval_after",
+    "runtime.device",
+    "runtime.threads",
+    "runtime.workers",
+    "runtime.log_every",
+    "runtime.checkpoint_every",
+)
+DONE = "done.json"
 
 
-class StudySpec(BaseModel):
-    """The contents of a study file."""
-
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    base: str  # recipe file or shipped recipe name
+
+class PairSpec(_Strict):
+    """One tested pair: does arm ``a`` beat arm ``b`` on ``metric`` (default: the study's), scored on ``on``?"""
+
+    a: str
+    b: str
+    metric: str | None = None
+    on: str = TEST_SET  # "test", a datasets entry's name, or a perturbation
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str | None) -> str | None:
+        return None if value is None else _check_metric(value)
+
+
+class EvalSetSpec(_Strict):
+    """An extra evaluation set of every run: another protocol, or a copy of the data (SynthFER parameters)."""
+
+    name: str | None = None  # default: the dataset name
+    dataset: str
+    root: str | None = None  # default: the run's data.root
+    options: dict[str, Any] = {}
+    synth: dict[str, Any] | None = None  # SynthFER parameters: generated at root when missing
+    split: str = "test"
+
+
+class PretrainSpec(_Strict):
+    """A run trained once before the arms; its best checkpoint's backbone starts every arm (``model.pretrained``)."""
+
+    recipe: str | None = None  # default: the base recipe
+    set: list[str] = []
+    seed: int = 0
+
+
+class StudySpec(_Strict):
+    """The contents of a study file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str  # recipe file (beside the study file or the working folder) or shipped recipe name
     arms: dict[str, list[str]] = Field(min_length=1)  # arm name -> --set overrides
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     metric: str = "acc"
-    pairs: list[tuple[str, str]] = []  # (A, B): "does A beat B?"
-    datasets: list[str] = []  # extra protocols to evaluate every run on
-    perturbations: list[str] = []
+    pairs: list[PairSpec] = []
+    datasets: list[EvalSetSpec] = []  # extra evaluation sets of every run
+    perturbations: list[str] = []  # the test split again under each (fer_bench.data.perturb.PERTURBATIONS)
+    pretrain: PretrainSpec | None = None
+    alpha: float = Field(0.05, gt=0, lt=1)
+    output_dir: str = "runs/studies/{name}"
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for arm in value:
+            if not arm or not all(c.isalnum() or c in "_-." for c in arm) or arm == "pretrain":
+                raise ValueError(f"arm names are letters, digits, _ - . (and not 'pretrain'), got {arm!r}")
+        return value
+
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _pair_lists(cls, value: Any) -> Any:
+        """``[A, B]`` is ``{a: A, b: B}``; YAML 1.1 reads a bare ``on:`` key as the boolean true."""
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, list | tuple) and len(item) == 2:
+                item = {"a": item[0], "b": item[1]}
+            elif isinstance(item, dict) and True in item:
+                item = {("on" if key is True else key): v for key, v in item.items()}
+            out.append(item)
+        return out
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _dataset_names(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        return [{"dataset": item} if isinstance(item, str) else item for item in value]
 
     @field_validator("seeds")
     @classmethod
@@ -49,15 +145,51 @@ class StudySpec(BaseModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        if value not in STUDY_METRICS:
-            hint = did_you_mean(value, STUDY_METRICS)
-            raise ValueError(f"unknown metric {value!r}; expected one of {', '.join(STUDY_METRICS)}.{hint}")
+        return _check_metric(value)
+
+    @field_validator("perturbations")
+    @classmethod
+    def _known_perturbations(cls, value: list[str]) -> list[str]:
+        from fer_bench.data.perturb import PERTURBATIONS
+
+        for kind in value:
+            if kind not in PERTURBATIONS:
+                raise ValueError(
+                    f"unknown perturbation {kind!r}; expected one of {', '.join(PERTURBATIONS)}."
+                    + did_you_mean(kind, PERTURBATIONS)
+                )
         return value
+
+    @model_validator(mode="after")
+    def _eval_set_names(self) -> StudySpec:
+        names = [TEST_SET] + [entry.name or entry.dataset for entry in self.datasets] + list(self.perturbations)
+        for name in names:
+            if not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"evaluation set names are letters, digits, _ and -, got {name!r}")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"two evaluation sets named {duplicated[0]!r}: give the datasets entries a name")
+        return self
+
+    def eval_sets(self) -> list[str]:
+        """Every run's evaluation sets: ``test``, then the datasets entries, then the perturbations."""
+        return [TEST_SET] + [entry.name or entry.dataset for entry in self.datasets] + list(self.perturbations)
+
+    def pair_metric(self, pair: PairSpec) -> str:
+        return pair.metric or self.metric
+
+
+def _check_metric(value: str) -> str:
+    if value not in STUDY_METRICS:
+        raise ValueError(
+            f"unknown metric {value!r}; expected one of {', '.join(STUDY_METRICS)}.{did_you_mean(value, STUDY_METRICS)}"
+        )
+    return value
 
 
 def run_key(recipe: Recipe) -> str:
-    """A run's identity: SHA-256 (16 hex digits) of its resolved recipe, keys sorted; the run name is left out, so
-    renaming an arm does not retrain it.
+    """A run's identity: SHA-256 (16 hex digits) of its resolved recipe, keys sorted, without the keys of
+    :data:`IDENTITY_FREE`: renaming an arm, moving the study's folder or adding an evaluation set does not retrain it.
 
     Example:
         >>> a = Recipe.model_validate({"name": "x"}); b = Recipe.model_validate({"name": "y"})
@@ -65,17 +197,74 @@ def run_key(recipe: Recipe) -> str:
         (True, False)
     """
     data = recipe.model_dump(mode="json")
-    data.pop("name", None)
-    data.get("tracking", {}).pop("run_name", None)
+    for key in IDENTITY_FREE:
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_study(path: str | os.PathLike) -> tuple[StudySpec, dict[tuple[str, int], Recipe]]:
-    """Read and validate a study file; returns it with every (arm, seed) resolved into its recipe.
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+    """One run of a study: an arm (or the pretraining run) at one seed, as ``ferbench train base --set ...``."""
+
+    arm: str
+    seed: int
+    base: Path  # the recipe file the command starts from
+    overrides: tuple[str, ...]  # every --set, output_dir included
+    recipe: Recipe
+    key: str
+
+    @property
+    def out(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+    @property
+    def label(self) -> str:
+        return self.arm if self.arm == "pretrain" else f"{self.arm}/seed{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A validated study file: its spec, the folder its runs write to, and every run (the pretraining run first)."""
+
+    spec: StudySpec
+    path: Path
+    out: Path
+    runs: tuple[StudyRun, ...]
+
+    @property
+    def pretrain(self) -> StudyRun | None:
+        return next((run for run in self.runs if run.arm == "pretrain"), None)
+
+    @property
+    def arm_runs(self) -> list[StudyRun]:
+        return [run for run in self.runs if run.arm != "pretrain"]
+
+    def run(self, arm: str, seed: int) -> StudyRun:
+        return next(run for run in self.runs if (run.arm, run.seed) == (arm, seed))
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.runs[0].recipe.tracking.tracking_uri
+
+    @property
+    def experiment(self) -> str:
+        return self.runs[0].recipe.tracking.experiment
+
+
+def load_study(path: str | os.PathLike, *, output_dir: str | None = None) -> Study:
+    """Read and validate a study file; every (arm, seed) is resolved into its recipe and run folder.
+
+    Args:
+        path: The study file.
+        output_dir: Where the runs go (default: the study's ``output_dir``, ``runs/studies/{name}``).
 
     Raises:
-        ConfigError: missing, empty or unreadable file, bad YAML, unknown keys (with the nearest), pairs naming no arm,
-            an arm's override that its recipe rejects (named with the arm).
+        ConfigError: missing, empty or unreadable file, bad YAML, unknown keys (with the nearest), pairs naming no arm
+            or no evaluation set, an arm's override that its recipe rejects (named with the arm).
     """
     path = Path(path)
     data = read_yaml_mapping(path, kind="study")
@@ -83,39 +272,457 @@ def load_study(path: str | os.PathLike) -> tuple[StudySpec, dict[tuple[str, int]
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, str(path), StudySpec)) from None
-    for a, b in spec.pairs:
-        for arm in (a, b):
+    for pair in spec.pairs:
+        for arm in (pair.a, pair.b):
             if arm not in spec.arms:
                 raise ConfigError(f"{path}: pairs: no arm {arm!r}.{did_you_mean(arm, spec.arms)}")
-        if a == b:
-            raise ConfigError(f"{path}: pairs: ({a}, {b}) compares an arm with itself")
-    base = _base_recipe(spec.base, path)
-    recipes: dict[tuple[str, int], Recipe] = {}
+        if pair.a == pair.b:
+            raise ConfigError(f"{path}: pairs: ({pair.a}, {pair.b}) compares an arm with itself")
+        if pair.on not in spec.eval_sets():
+            raise ConfigError(
+                f"{path}: pairs: ({pair.a}, {pair.b}) on {pair.on!r}: no such evaluation set; the study has "
+                f"{', '.join(spec.eval_sets())}.{did_you_mean(pair.on, spec.eval_sets())}"
+            )
+    out = Path((output_dir or spec.output_dir).replace("{name}", spec.name))
+    base = _recipe_file(spec.base, path, key="base")
+    extra = _extra_evals(spec)
+    runs: list[StudyRun] = []
+    shared: list[str] = []
+    if spec.pretrain is not None:
+        pre_base = _recipe_file(spec.pretrain.recipe, path, key="pretrain.recipe") if spec.pretrain.recipe else base
+        pretrain = _resolve(
+            path, "pretrain", spec.pretrain.seed, pre_base, [*spec.pretrain.set], out=out, study=spec.name, extra=""
+        )
+        runs.append(pretrain)
+        shared = [f"model.pretrained={pretrain.out / 'best.pt'}"]
     for arm, overrides in spec.arms.items():
         for seed in spec.seeds:
-            try:
-                recipes[(arm, seed)] = load_recipe(
-                    base, [*overrides, f"runtime.seed={seed}", f"tracking.run_name={spec.name}-{arm}-seed{seed}"]
-                )
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: arm {arm!r}: {exc}") from None
-    return spec, recipes
+            runs.append(_resolve(path, arm, seed, base, [*shared, *overrides], out=out, study=spec.name, extra=extra))
+    return Study(spec=spec, path=path, out=out, runs=tuple(runs))
 
 
-def _base_recipe(base: str, study_path: Path) -> Path:
-    """The base recipe: a path relative to the study file or the working folder, or a shipped recipe name."""
-    beside = study_path.parent / base
+def _extra_evals(spec: StudySpec) -> str:
+    """The recipe's ``extra_evals`` for the study's datasets and perturbations, as one JSON (= YAML flow) value."""
+    entries: list[dict[str, Any]] = []
+    for entry in spec.datasets:
+        item = {"name": entry.name or entry.dataset, "dataset": entry.dataset, "split": entry.split}
+        item |= {key: value for key, value in (("root", entry.root), ("synth", entry.synth)) if value is not None}
+        item |= {"options": entry.options} if entry.options else {}
+        entries.append(item)
+    entries += [{"name": kind, "perturb": kind} for kind in spec.perturbations]
+    return json.dumps(entries, separators=(",", ":")) if entries else ""
+
+
+def _resolve(
+    path: Path, arm: str, seed: int, base: Path, overrides: list[str], *, out: Path, study: str, extra: str
+) -> StudyRun:
+    settings = [*overrides, f"runtime.seed={seed}"] + ([f"extra_evals={extra}"] if extra else [])
+    try:
+        recipe = load_recipe(base, settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: arm {arm!r}: {exc}") from None
+    key = run_key(recipe)
+    folder = out / (f"pretrain-{key[:10]}" if arm == "pretrain" else f"{arm}-seed{seed}-{key[:10]}")
+    name = f"{study}-pretrain" if arm == "pretrain" else f"{study}-{arm}-seed{seed}"
+    settings += [f"output_dir={folder}", f"tracking.run_name={name}"]
+    recipe = load_recipe(base, settings)
+    return StudyRun(arm=arm, seed=seed, base=base, overrides=tuple(settings), recipe=recipe, key=key)
+
+
+def _recipe_file(recipe: str, study_path: Path, *, key: str) -> Path:
+    """A recipe named by a study: a path relative to the study file or the working folder, or a shipped name."""
+    beside = study_path.parent / recipe
     if beside.is_file():
         return beside
     try:
-        return resolve_recipe(base)
+        return resolve_recipe(recipe)
     except ConfigError as exc:
-        raise ConfigError(f"{study_path}: base: {exc}") from None
+        raise ConfigError(f"{study_path}: {key}: {exc}") from None
 
 
-def describe_runs(recipes: dict[tuple[str, int], Recipe]) -> list[dict[str, Any]]:
-    """One row per (arm, seed): its run key and run name, in the study's order."""
-    return [
-        {"arm": arm, "seed": seed, "run_key": run_key(recipe), "run_name": recipe.tracking.run_name}
-        for (arm, seed), recipe in recipes.items()
-    ]
+# ---------------------------------------------------------------------------------------------------------------------
+# State of each run: finished (done.json, or a finished MLflow run with its key), interrupted (last.pt), pending.
+
+RunState = Literal["finished", "interrupted", "pending", "running"]
+
+
+def run_state(run: StudyRun, *, eval_sets: list[str], remote_finished: set[str] | None = None) -> RunState:
+    """``finished`` (its ``done.json`` lists every evaluation set, or MLflow holds it finished), ``interrupted``
+    (``last.pt`` without a complete ``done.json``: continued with ``--resume``), ``running`` (another process holds
+    its lock) or ``pending``."""
+    done = read_done(run.out)
+    wanted = {"eval" if name == TEST_SET else f"eval-{name}" for name in eval_sets} if run.arm != "pretrain" else set()
+    if done is not None and wanted <= set(done.get("evals", [])) | ({"eval"} if run.arm == "pretrain" else set()):
+        return "finished"
+    if run_locked(run.out):
+        return "running"
+    if (run.out / "last.pt").exists():
+        return "interrupted"
+    if remote_finished and run.key in remote_finished:
+        return "finished"
+    return "pending"
+
+
+def read_done(out: Path) -> dict[str, Any] | None:
+    """A run folder's ``done.json`` (written by fit as its last step), or None."""
+    try:
+        done = json.loads((out / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def run_locked(out: Path) -> bool:
+    """Whether another process holds the run's lock (it is training it now)."""
+    import fcntl
+
+    path = _lock_path(out)
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+@contextlib.contextmanager
+def hold_run(out: Path) -> Iterator[bool]:
+    """The run's lock, held for the block; yields False (without waiting) when another process holds it."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(out), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def run_tags(study: Study, run: StudyRun) -> dict[str, str]:
+    """The MLflow tags of a study run: the study, arm, seed and run key (``study report`` finds runs by them)."""
+    return {"study": study.spec.name, "arm": run.arm, "seed": str(run.seed), "run_key": run.key}
+
+
+def train_command(
+    study: Study,
+    run: StudyRun,
+    *,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+    gpus: int | None = None,
+    program: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The one command that trains ``run``: ``ferbench train BASE --set ...`` with its tags and parent study run.
+
+    ``program`` replaces ``ferbench`` (``[sys.executable, "-m", "fer_bench"]`` when run from here); ``gpus`` > 1
+    makes it a torchrun DDP job (``train --gpus N``); ``extra`` adds settings that do not change the run's identity
+    (``runtime.threads``)."""
+    tags = json.dumps(run_tags(study, run), separators=(",", ":"))
+    settings = [*run.overrides, f"tracking.tags={tags}", *(extra or [])]
+    if parent_run_id:
+        settings.append(f"tracking.parent_run_id={parent_run_id}")
+    args = [*(program or ["ferbench"]), "train", str(run.base)]
+    for item in settings:
+        args += ["--set", item]
+    if resume:
+        args.append("--resume")
+    if gpus and gpus > 1:
+        args += ["--gpus", str(gpus)]
+    return args
+
+
+def shell_line(args: list[str], *, cwd: Path | None = None) -> str:
+    """``args`` as one shell line (quoted), run from ``cwd`` when given."""
+    line = " ".join(shlex.quote(a) for a in args)
+    return f"cd {shlex.quote(str(cwd))} && {line}" if cwd else line
+
+
+def describe_runs(study: Study) -> list[dict[str, Any]]:
+    """One row per run: arm, seed, run key and folder, in the study's order (the pretraining run first)."""
+    return [{"arm": run.arm, "seed": run.seed, "run_key": run.key, "output_dir": str(run.out)} for run in study.runs]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MLflow: the parent study run, and the finished runs of this study it holds
+
+
+def _client(tracking_uri: str):
+    from fer_bench.train.tracking import _mlflow_quietly, unreachable
+
+    problem = unreachable(tracking_uri)
+    if problem:
+        raise ConnectionError(problem)
+    mlflow = _mlflow_quietly()
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def study_parent_run(study: Study, *, message: Callable[[str], None]) -> str | None:
+    """The MLflow run that holds this study's runs as children: found by its tags, or created (None, with one line
+    said, when tracking is off or the store cannot be reached: the runs then train without a parent)."""
+    recipe = study.runs[0].recipe
+    if not recipe.tracking.enabled:
+        return None
+    from fer_bench.train.tracking import _store_lock
+
+    try:
+        with _store_lock(study.tracking_uri):
+            client = _client(study.tracking_uri)
+            experiment = client.get_experiment_by_name(study.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(study.experiment)
+            found = client.search_runs(
+                [experiment_id], filter_string=f"tags.kind = 'study' and tags.study = '{study.spec.name}'"
+            )
+            if found:
+                run_id = found[0].info.run_id
+                if found[0].info.status != "RUNNING":
+                    client.update_run(run_id, status="RUNNING")
+                return run_id
+            run = client.create_run(
+                experiment_id,
+                run_name=f"study-{study.spec.name}",
+                tags={"kind": "study", "study": study.spec.name, "study_file": str(study.path)},
+            )
+            client.log_param(run.info.run_id, "arms", ",".join(study.spec.arms))
+            client.log_param(run.info.run_id, "seeds", ",".join(map(str, study.spec.seeds)))
+            client.log_param(run.info.run_id, "metric", study.spec.metric)
+            return run.info.run_id
+    except Exception as exc:  # a study trains without its parent run rather than not at all
+        message(f"MLflow at {study.tracking_uri!r}: no parent study run ({type(exc).__name__}: {exc}); runs go on")
+        return None
+
+
+def finish_parent_run(study: Study, run_id: str | None, *, complete: bool) -> None:
+    """End the parent study run: FINISHED when every run is finished, else left as it is for the next ``run``."""
+    if not run_id or not complete:
+        return
+    with contextlib.suppress(Exception):
+        _client(study.tracking_uri).set_terminated(run_id, "FINISHED")
+
+
+def remote_runs(study: Study) -> dict[str, Any]:
+    """Finished MLflow runs of this study, by run key (the newest per key); empty when the store is unreachable."""
+    if not study.runs[0].recipe.tracking.enabled:
+        return {}
+    try:
+        client = _client(study.tracking_uri)
+        experiment = client.get_experiment_by_name(study.experiment)
+        if experiment is None:
+            return {}
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.study = '{study.spec.name}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+    except Exception:
+        return {}
+    out: dict[str, Any] = {}
+    for run in found:
+        key = run.data.tags.get("run_key")
+        if key and key not in out and run.data.tags.get("kind") != "study":
+            out[key] = run
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a study on this machine
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    run: StudyRun
+    action: Literal["skipped", "trained", "resumed", "failed", "busy"]
+    seconds: float = 0.0
+    log: Path | None = None
+    returncode: int = 0
+
+
+def prepare_data(study: Study, runs: list[StudyRun], *, message: Callable[[str], None]) -> None:
+    """Generate the SynthFER trees the runs need (training data and extra evaluation sets) before any run starts,
+    one after another: parallel runs must not generate the same folder at once."""
+    from fer_bench.train.data_setup import load_dataset
+
+    seen: set[str] = set()
+    for run in runs:
+        data = run.recipe.data
+        wanted = [(data.dataset, data.root, data.synth)]
+        wanted += [
+            (entry.dataset or data.dataset, entry.root or data.root, entry.synth)
+            for entry in getattr(run.recipe, "extra_evals", [])
+            if getattr(entry, "synth", None) is not None
+        ]
+        for dataset, root, synth in wanted:
+            if dataset != "synthfer" or root in seen:
+                continue
+            seen.add(root)
+            load_dataset(dataset="synthfer", root=root, options={}, synth=synth, message=message)
+
+
+def run_study(
+    study: Study,
+    *,
+    parallel: int = 1,
+    gpus: int = 0,
+    only: list[str] | None = None,
+    message: Callable[[str], None] = print,
+    launch: Callable[[list[str], Path | None, dict[str, str]], int] | None = None,
+) -> list[RunOutcome]:
+    """Train every run of ``study`` that is not finished: the pretraining run first, then the arms, ``parallel`` at
+    a time; interrupted runs continue with ``--resume``.
+
+    Args:
+        parallel: Runs at once on this machine. On a CPU each gets ``cores // parallel`` threads.
+        gpus: GPUs of this machine; each of the ``parallel`` runs gets ``gpus // parallel`` of them
+            (``CUDA_VISIBLE_DEVICES``), and a run with more than one is a torchrun DDP job.
+        only: Arms to run (default: all).
+        launch: Runs one command with a log file (None: inherit the terminal) and extra environment; returns its
+            exit status (default: a subprocess).
+
+    Returns:
+        What happened to each run, in the study's order.
+    """
+    if parallel < 1:
+        raise ConfigError(f"--parallel: expected at least 1, got {parallel}")
+    if gpus and gpus < parallel:
+        raise ConfigError(f"--gpus {gpus} --parallel {parallel}: each parallel run needs at least one GPU")
+    if only:
+        for arm in only:
+            if arm not in study.spec.arms:
+                raise ConfigError(f"--only: no arm {arm!r} in {study.path}.{did_you_mean(arm, study.spec.arms)}")
+    launch = launch or _subprocess_launch
+    eval_sets = study.spec.eval_sets()
+    remote = set(remote_runs(study))
+    selected = [run for run in study.runs if run.arm == "pretrain" or not only or run.arm in only]
+    states = {run.key + run.label: run_state(run, eval_sets=eval_sets, remote_finished=remote) for run in selected}
+    todo = [run for run in selected if states[run.key + run.label] in ("interrupted", "pending")]
+    counts = {state: sum(1 for s in states.values() if s == state) for state in ("finished", "interrupted", "pending")}
+    message(
+        f"study {study.spec.name}: {len(selected)} runs — {counts['finished']} finished (skipped), "
+        f"{counts['interrupted']} to resume, {counts['pending']} to train; folder {study.out}"
+    )
+    outcomes = {run.label: RunOutcome(run, "skipped") for run in selected if run not in todo}
+    for run in selected:
+        if states[run.key + run.label] == "running":
+            outcomes[run.label] = RunOutcome(run, "busy")
+            message(f"{run.label}: another process is training it now; left to that process")
+    if not todo:
+        return [outcomes[run.label] for run in selected]
+    prepare_data(study, todo, message=message)
+    parent = study_parent_run(study, message=message)
+    slots = _slots(parallel=parallel, gpus=gpus)
+    phases = [[r for r in todo if r.arm == "pretrain"], [r for r in todo if r.arm != "pretrain"]]
+    for phase in phases:
+        for outcome in _run_phase(study, phase, slots=slots, parent=parent, launch=launch, message=message):
+            outcomes[outcome.run.label] = outcome
+        if any(outcomes[r.label].action == "failed" for r in phase if r.arm == "pretrain"):
+            message("the pretraining run failed: the arms need its checkpoint, so they were not started")
+            break
+    ordered = [outcomes.get(run.label) or RunOutcome(run, "failed", returncode=-1) for run in selected]
+    finish_parent_run(study, parent, complete=all(o.action != "failed" for o in ordered) and not only)
+    return ordered
+
+
+def _slots(*, parallel: int, gpus: int) -> list[dict[str, Any]]:
+    """What each parallel slot gets: its GPUs (CUDA_VISIBLE_DEVICES) or its share of the CPU threads."""
+    if gpus:
+        per = gpus // parallel
+        return [{"gpus": list(range(i * per, (i + 1) * per))} for i in range(parallel)]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    return [{"threads": threads if parallel > 1 else None} for _ in range(parallel)]
+
+
+def _run_phase(study, runs, *, slots, parent, launch, message) -> list[RunOutcome]:
+    import queue
+    import threading
+    import time
+
+    free: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    results: list[RunOutcome] = []
+    lock = threading.Lock()
+    quiet = len(slots) > 1  # one run at a time shows its own progress; several write log files
+
+    def one(run: StudyRun) -> None:
+        slot = free.get()
+        try:
+            with hold_run(run.out) as held:
+                if not held:
+                    outcome = RunOutcome(run, "busy")
+                    message(f"{run.label}: another process is training it now; left to that process")
+                else:
+                    outcome = _train_one(
+                        study,
+                        run,
+                        slot=slot,
+                        parent=parent,
+                        launch=launch,
+                        quiet=quiet,
+                        message=message,
+                        clock=time.monotonic,
+                    )
+        finally:
+            free.put(slot)
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=one, args=(run,), daemon=True) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _train_one(study, run, *, slot, parent, launch, quiet, message, clock) -> RunOutcome:
+    resume = (run.out / "last.pt").exists()
+    extra = [f"runtime.threads={slot['threads']}"] if slot.get("threads") else []
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot["gpus"]))} if slot.get("gpus") else {}
+    gpus = len(slot.get("gpus", [])) or None
+    command = train_command(
+        study,
+        run,
+        parent_run_id=parent,
+        resume=resume,
+        gpus=gpus,
+        program=[sys.executable, "-m", "fer_bench"],
+        extra=extra,
+    )
+    log = run.out.parent / f"{run.out.name}.log" if quiet else None
+    message(f"{run.label}: {'resuming' if resume else 'training'} in {run.out}" + (f" (log {log})" if log else ""))
+    started = clock()
+    code = launch(command, log, env)
+    seconds = clock() - started
+    if code != 0 or read_done(run.out) is None:
+        where = f"; see {log}" if log else ""
+        message(f"{run.label}: failed (exit status {code}) after {seconds:.0f} s{where}")
+        return RunOutcome(run, "failed", seconds, log, code or 1)
+    message(f"{run.label}: finished in {seconds:.0f} s")
+    return RunOutcome(run, "resumed" if resume else "trained", seconds, log)
+
+
+def _subprocess_launch(command: list[str], log: Path | None, env: dict[str, str]) -> int:
+    import subprocess
+
+    environment = {**os.environ, **env}
+    if log is None:
+        return subprocess.call(command, env=environment)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        return subprocess.call(command, env=environment, stdout=handle, stderr=subprocess.STDOUT)
