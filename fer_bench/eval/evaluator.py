@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from fer_bench.data import DatasetInfo, FaceDataset, create_transform
 from fer_bench.eval.head_metrics import OcclusionDetectionHook
 from fer_bench.eval.inference import head_metric_hooks, predict, renormalize
 from fer_bench.eval.protocols import Protocol, protocol_rows
-from fer_bench.eval.results import HEADLINE, align_rows, score
+from fer_bench.eval.results import HEADLINE, PER_IMAGE, align_rows, score
 from fer_bench.models import FerModel
 
 
@@ -91,6 +92,10 @@ def evaluate(
         probs = renormalize(probs[:, [list(label_names).index(n) for n in scored]])  # masked logits: columns left out
         results = score(probs=probs, **common)
         results["heads"] = {hook.name: hook.result() for hook in run_hooks}
+        for hook in run_hooks:  # per-image head values (ATT-COS) beside the per-image predictions
+            per_image = getattr(hook, "per_image", None)
+            for column, values in (per_image(len(rows)) if per_image else {}).items():
+                results[PER_IMAGE].setdefault(column, np.asarray(values, dtype=np.float64).tolist())
         return results
 
     config = {

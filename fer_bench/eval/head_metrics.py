@@ -27,6 +27,11 @@ class EvalHook(abc.ABC):
     def result(self) -> dict[str, float]:
         """The metric over every batch seen."""
 
+    def per_image(self, n: int) -> dict[str, np.ndarray]:
+        """Per-image values (column -> [n] array, NaN where the image gave none) over the ``n`` rows evaluated,
+        indexed by ``batch["index"]``; none by default."""
+        return {}
+
 
 def map_cosine(maps: torch.Tensor, targets: torch.Tensor, *, normalise: str = "shift") -> torch.Tensor:
     """Per-sample cosine between low-resolution maps [B, h, w] and target maps [B, H, W] (Belharbi et al., FG 2024,
@@ -65,6 +70,7 @@ class AttentionCosineHook(EvalHook):
         self.map_source, self.attention, self.layer = map_source, attention, layer
         k = len(label_names)
         self.att_sum, self.cam_sum, self.count = np.zeros(k), np.zeros(k), np.zeros(k, dtype=np.int64)
+        self.att_by_index: dict[int, float] = {}  # row index -> ATT-COS of that image
 
     def update(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         valid = batch["heatmap_valid"].bool()
@@ -75,10 +81,21 @@ class AttentionCosineHook(EvalHook):
         att = map_cosine(outputs["attention"].detach().cpu()[valid], heatmaps)
         cams = outputs["cam"].detach().cpu()[valid]
         cam = map_cosine(cams[torch.arange(len(labels)), labels], heatmaps, normalise="minmax")
-        for label, a, c in zip(labels.tolist(), att.tolist(), cam.tolist(), strict=True):
+        indices = batch["index"][valid].tolist() if "index" in batch else [None] * len(labels)
+        for index, label, a, c in zip(indices, labels.tolist(), att.tolist(), cam.tolist(), strict=True):
             self.att_sum[label] += a
             self.cam_sum[label] += c
             self.count[label] += 1
+            if index is not None:
+                self.att_by_index[int(index)] = a
+
+    def per_image(self, n: int) -> dict[str, np.ndarray]:
+        """``att_cos`` of every image with an AU map (NaN elsewhere)."""
+        values = np.full(n, np.nan)
+        for index, value in self.att_by_index.items():
+            if 0 <= index < n:
+                values[index] = value
+        return {"att_cos": values}
 
     def result(self) -> dict[str, float | int | str]:
         has = self.count > 0

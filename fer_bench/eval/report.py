@@ -19,7 +19,7 @@ from fer_bench.eval.plots import (
     group_recall_png,
     reliability_png,
 )
-from fer_bench.eval.results import FAIRNESS_KEYS, HEADLINE
+from fer_bench.eval.results import FAIRNESS_KEYS, HEADLINE, PER_IMAGE
 
 
 def _jsonable(value: Any) -> Any:
@@ -268,12 +268,44 @@ def _head_lines(heads: dict | None) -> list[str]:
     ]
 
 
+def predictions_csv(per_image: dict[str, list]) -> str:
+    """The text of ``predictions.csv``: one row per scored image, in the scored order, with the columns of the
+    per-image record (``image_id``, ``y_true``, ``y_pred``, group and subset columns, then head values such as
+    ``att_cos``; a missing number is ``nan``).
+
+    Example:
+        >>> record = {"image_id": ["a", "b"], "y_true": [0, 1], "y_pred": [0, 0], "att_cos": [0.5, float("nan")]}
+        >>> predictions_csv(record)
+        'image_id,y_true,y_pred,att_cos\\na,0,0,0.5\\nb,1,0,nan\\n'
+    """
+    import csv
+    import io
+
+    columns = list(per_image)
+    lengths = {column: len(values) for column, values in per_image.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"per-image columns of different lengths: {lengths}")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*(per_image[c] for c in columns), strict=True))
+    return buffer.getvalue()
+
+
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write results.json, report.md and the PNG plots into ``out_dir`` (atomically); return their paths."""
+    """Write results.json, report.md, the PNG plots and (when the results carry the per-image record,
+    ``results["per_image"]``) predictions.csv into ``out_dir`` (atomically); return their paths.
+
+    The per-image record goes to predictions.csv only, never into results.json.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = _jsonable(results)
+    per_image = results.get(PER_IMAGE)
+    results = _jsonable({key: value for key, value in results.items() if key != PER_IMAGE})
     paths = {"results": out / "results.json", "report": out / "report.md", "confusion": out / "confusion_matrix.png"}
+    if per_image:
+        paths["predictions"] = out / "predictions.csv"
+        atomic_write_text(paths["predictions"], predictions_csv(per_image))
     atomic_write_text(paths["results"], json.dumps(results, indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["report"], _report_md(results))
     confusion_png(paths["confusion"], np.asarray(results["confusion_matrix"]), results["label_space"]["names"])

@@ -27,6 +27,9 @@ from fer_bench.eval.protocols import Protocol
 from fer_bench.provenance import git_sha
 
 RESULTS_SCHEMA_VERSION = 2
+#: The results key of the per-image record (column -> values, one per scored image, in the rows' order); written to
+#: ``predictions.csv`` by ``write_report``, never to ``results.json``.
+PER_IMAGE = "per_image"
 HEADLINE = {"acc": M.accuracy_from_cm, "mean_class_acc": M.mean_class_accuracy_from_cm, "macro_f1": M.macro_f1_from_cm}
 #: How the fairness figures are computed (recorded in results.json).
 FAIRNESS_METHOD = (
@@ -326,6 +329,8 @@ def score(
     dataset_names = tuple(info.label_space.names)
     y_true = rows["label"].map(lambda i: scored.index(dataset_names[i])).to_numpy(np.int64)
     group_columns = info.group_columns if protocol is None or protocol.group_columns is None else protocol.group_columns
+    if y_pred is None and probs is not None:
+        y_pred = np.asarray(probs).argmax(axis=1)
     results = compute_results(
         y_true=y_true,
         y_pred=y_pred,
@@ -351,12 +356,51 @@ def score(
         "faces": _faces_summary(info.extras.get("alignment"), split),
         "dataset_hash": dataset_hash(rows["image_id"].tolist(), y_true),
         **results,
+        PER_IMAGE: per_image_columns(
+            rows=rows,
+            y_true=y_true,
+            y_pred=np.asarray(y_pred, dtype=np.int64),
+            group_columns=tuple(group_columns),
+            subset_columns=tuple(info.subset_columns),
+        ),
         "config": config or {},
         "seed": seed,
         "fer_bench_version": __version__,
         "git_sha": git_sha(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def per_image_columns(
+    *,
+    rows: pd.DataFrame,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    group_columns: tuple[str, ...],
+    subset_columns: tuple[str, ...],
+) -> dict[str, list]:
+    """The per-image record of one scoring (``results[PER_IMAGE]``), in the order of ``rows``: ``image_id``,
+    ``y_true`` and ``y_pred`` (indices into ``label_space.names``), then each group column the rows have (as text,
+    missing values ``unknown``, as the group tables count them) and each subset column (``true``/``false``).
+
+    Example:
+        >>> rows = pd.DataFrame({"image_id": ["a", "b"], "label": [0, 1], "gender": ["f", None]})
+        >>> per_image_columns(rows=rows, y_true=np.array([0, 1]), y_pred=np.array([0, 0]),
+        ...                   group_columns=("gender",), subset_columns=())
+        {'image_id': ['a', 'b'], 'y_true': [0, 1], 'y_pred': [0, 0], 'gender': ['f', 'unknown']}
+    """
+    out: dict[str, list] = {
+        "image_id": rows["image_id"].astype(str).tolist(),
+        "y_true": [int(v) for v in y_true],
+        "y_pred": [int(v) for v in y_pred],
+    }
+    for column in group_columns:
+        if column in rows.columns and column not in out:
+            out[column] = _group_values(rows, column).tolist()
+    for column in subset_columns:
+        if column in rows.columns and column not in out:
+            out[column] = np.where(rows[column].fillna(False).astype(bool).to_numpy(), "true", "false").tolist()
+    return out
 
 
 def _faces_summary(alignment: dict[str, Any] | None, split: str) -> dict[str, Any] | None:

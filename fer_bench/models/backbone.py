@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fer_bench.errors import ConfigError, WeightsUnavailableError
+from fer_bench.models.checkpoint import fer_bench_checkpoint
 from fer_bench.models.conv_stem import ConvStemPatchEmbed
 from fer_bench.registry import did_you_mean
 
@@ -41,7 +42,8 @@ def create_backbone(
     Args:
         name: A timm model name of the ViT (incl. hybrid) or Swin family, e.g. ``vit_tiny_patch16_224``, optionally
             with a weights tag (``vit_base_patch16_224.augreg_in21k_ft_in1k``).
-        pretrained: ``False`` (random init), a local weights file (.safetensors/.pth/.bin), or ``True`` (the hub).
+        pretrained: ``False`` (random init), a local weights file (.safetensors/.pth/.bin), a fer_bench checkpoint
+            (``best.pt``: its backbone weights, loaded strictly; the classifier starts fresh), or ``True`` (the hub).
         stem: ``patch`` (the architecture's own) or ``conv`` (ViT only: a BatchNorm conv stem, see
             :mod:`fer_bench.models.conv_stem`; faster to train from scratch; hub weights do not fit it, a local file
             of a conv-stem backbone does).
@@ -94,11 +96,69 @@ def create_backbone(
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"model.pretrained={path}: no such file. Pass a local .safetensors/.pth file of {name!r} weights, "
-                f"true for the hub, or false for random init"
+                f"a fer_bench checkpoint (best.pt), true for the hub, or false for random init"
             )
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **build)
+        state = fer_bench_checkpoint(path)
+        if state is not None:
+            model = timm.create_model(name, pretrained=False, **build)
+            load_backbone_from_checkpoint(model, state, path=path)
+        else:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **build)
     backbone_family(model)
     return model
+
+
+def _classifier_prefix(model: nn.Module) -> str | None:
+    """The state-dict prefix of the backbone's classifier (``head.`` for a ViT, ``head.fc.`` for a Swin)."""
+    classifier = model.get_classifier()
+    for module_name, module in model.named_modules():
+        if module is classifier and module_name:
+            return module_name + "."
+    return None
+
+
+def load_backbone_from_checkpoint(model: nn.Module, state: dict, *, path: str | os.PathLike) -> None:
+    """Load the backbone weights of a fer_bench checkpoint (``state["model"]``, keys ``backbone.*``) into ``model``,
+    a freshly built timm backbone, strictly: every key but the classifier's must be there with the same shape. The
+    classifier (another task's classes) keeps its fresh initialisation; the checkpoint's heads are not used.
+
+    Raises:
+        CheckpointError: the checkpoint holds another backbone (or shape), naming the file and the first key that
+            does not fit.
+    """
+    from fer_bench.errors import CheckpointError
+
+    prefix = _classifier_prefix(model)
+    fresh = {k: v for k, v in model.state_dict().items() if not (prefix and k.startswith(prefix))}
+    given = {
+        key.removeprefix("backbone."): value
+        for key, value in state["model"].items()
+        if key.startswith("backbone.") and not (prefix and key.removeprefix("backbone.").startswith(prefix))
+    }
+    config = state.get("model_config") or {}
+    other = f"a checkpoint of {config.get('backbone', '?')} at img_size {config.get('img_size', '?')}"
+    problem = None
+    for key, value in fresh.items():
+        if key not in given:
+            problem = f"{key!r} is missing from it"
+        elif tuple(given[key].shape) != tuple(value.shape):
+            problem = f"{key!r} has shape {list(given[key].shape)} there, {list(value.shape)} here"
+        if problem:
+            break
+    if problem is None:
+        extra = next((key for key in given if key not in fresh), None)
+        if extra is not None:
+            problem = f"{extra!r} is in it but not in this backbone"
+    if problem is not None:
+        raise CheckpointError(
+            f"model.pretrained={path}: {other}, which does not fit this backbone; first mismatching key: {problem}"
+        )
+    missing, unexpected = model.load_state_dict(given, strict=False)
+    left = [key for key in missing if not (prefix and key.startswith(prefix))]
+    if left or unexpected:  # the checks above make this unreachable; a timm change would land here
+        raise CheckpointError(
+            f"model.pretrained={path}: weights do not fit (missing {left[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:

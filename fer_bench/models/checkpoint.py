@@ -69,6 +69,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def fer_bench_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The state of ``path`` when it is a fer_bench checkpoint (``best.pt``/``last.pt`` as ``fit`` writes them), else
+    None (a timm/torch weights file, or anything unreadable: its own loader reports that).
+
+    Read weights-only and memory-mapped where torch can, so probing a large weights file costs little.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # not torch's zip format: no mmap
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if isinstance(state, dict) and "model" in state and "recipe" in state and "model_config" in state:
+        return state
+    return None
+
+
 def _first_sentence(text: str, limit: int = 200) -> str:
     """The first line's first sentence of an error text, never cut mid-word beyond ``limit`` characters."""
     line = text.strip().splitlines()[0] if text.strip() else ""

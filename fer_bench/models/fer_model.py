@@ -222,7 +222,8 @@ def create_model(
         backbone: timm ViT or Swin name (``vit_tiny_patch16_224``, ``swin_tiny_patch4_window7_224``, hybrids such as
             ``vit_tiny_r_s16_p8_224``), at any ``img_size`` the architecture allows.
         num_classes: Size of the label space.
-        pretrained: ``False``, a local weights file, or ``True`` (hub).
+        pretrained: ``False``, a local weights file, a fer_bench checkpoint (its backbone; heads and classifier
+            start fresh), or ``True`` (hub).
         heads: Head name → options (``au_heatmap``, ``anchors``, ``occlusion``; see :mod:`fer_bench.models.heads`).
         backbone_kwargs: ``stem`` (``patch`` or ``conv``, see :func:`create_backbone`) and extra timm arguments
             (``depth``, ``patch_size``, ``global_pool``, ``drop_path_rate``, ...).

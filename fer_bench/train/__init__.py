@@ -1,6 +1,6 @@
 """Training: recipes, the loop, checkpoints and MLflow tracking."""
 
-from fer_bench.train.fit import Callbacks, FitResult, fit, timing_free
+from fer_bench.train.fit import DONE, Callbacks, FitResult, fit, read_done, timing_free
 from fer_bench.train.recipe import (
     Recipe,
     ShippedRecipe,
@@ -12,6 +12,7 @@ from fer_bench.train.recipe import (
 )
 
 __all__ = [
+    "DONE",
     "Callbacks",
     "FitResult",
     "Recipe",
@@ -19,6 +20,7 @@ __all__ = [
     "apply_overrides",
     "fit",
     "load_recipe",
+    "read_done",
     "recipe_from_dict",
     "resolve_recipe",
     "shipped_recipes",

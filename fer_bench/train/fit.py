@@ -44,9 +44,9 @@ from fer_bench.runtime import (
     set_rng_state,
 )
 from fer_bench.train.checkpoints import BEST, LAST, check_best, clean_partial_writes, save_epoch_end
-from fer_bench.train.data_setup import build_loaders, dataset_for_run, describe_heads, resolve_loader
+from fer_bench.train.data_setup import build_loaders, dataset_for_run, describe_heads, load_dataset, resolve_loader
 from fer_bench.train.loop import EpochTally, train_steps, validate
-from fer_bench.train.recipe import Recipe, parse_interval, recipe_from_dict
+from fer_bench.train.recipe import ExtraEval, Recipe, extra_eval_protocol, parse_interval, recipe_from_dict
 from fer_bench.train.tracking import SplitInput, Tracker, flat_metrics, resume_tracker, split_input
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,11 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "data.residency",
     "data.cache_images",
     "eval_after",
+    "extra_evals",
     "tracking",
 )
+#: Written into the run folder as the very last step of a completed fit (see :func:`read_done`).
+DONE = "done.json"
 _TIMING_COLUMNS = ("seconds", "img_per_s")
 
 
@@ -265,6 +268,7 @@ class _Run:
     def run(self) -> FitResult:
         self.tracker: Tracker | None = None
         self._lock, self._created = None, False
+        self.evals_written: list[str] = []
         try:
             self.resolve_output()
             self.setup_runtime()
@@ -281,6 +285,7 @@ class _Run:
             finally:
                 if self.tracker is not None:
                     self.tracker.end(status)
+            self._write_done()
         except BaseException:
             self._remove_if_empty()
             raise
@@ -297,6 +302,21 @@ class _Run:
             self.summary,
             self.tracker.experiment_id if self.tracker is not None else None,
         )
+
+    def _write_done(self) -> None:
+        """``done.json``: the run finished, with its evaluations; written last, so its presence means complete."""
+        if not self.ctx.is_main:
+            return
+        import datetime as dt
+
+        step = self.best.get("global_step")
+        done = {
+            "run_id": self.tracker.run_id if self.tracker is not None else self.run_id,
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "evals": list(self.evals_written),
+            "best_step": int(step) if step is not None else None,
+        }
+        atomic_write_text(self.out / DONE, json.dumps(done, indent=2) + "\n")
 
     def _take_folder(self) -> None:
         """Create the run folder and hold an exclusive lock on it for the run's lifetime: a second training into the
@@ -353,6 +373,8 @@ class _Run:
                 f"--set output_dir=... to start a new one"
             )
         if self.ctx.is_main:
+            # a run in progress has no done.json: one left by an earlier completion goes before anything else
+            (self.out / DONE).unlink(missing_ok=True)
             for path in clean_partial_writes(self.out):
                 self.cb.message(f"removed {path.name}, left by a write that was interrupted")
             if self.state is not None:
@@ -616,6 +638,7 @@ class _Run:
         trk = recipe.tracking
         if self.run_id:
             self.tracker = resume_tracker(tracking_uri=trk.tracking_uri, run_id=self.run_id, warn=self.cb.message)
+            self.tracker.set_tags(trk.tags)
             self._log_missing_epochs()
         else:
             self.tracker = Tracker(
@@ -624,6 +647,8 @@ class _Run:
                 experiment=trk.experiment,
                 run_name=trk.run_name or recipe.name,
                 warn=self.cb.message,
+                parent_run_id=trk.parent_run_id,
+                tags=trk.tags,
             )
             self.tracker.log_params(self.recipe_dict)
             self.tracker.set_tags(
@@ -845,6 +870,8 @@ class _Run:
     # -- evaluate ----------------------------------------------------------------------------------------------------
 
     def evaluate_best(self) -> dict[str, Any] | None:
+        """Rank 0: the best checkpoint on the test split (``eval/``) and on every extra evaluation (``eval-<name>/``),
+        each logged as an evaluation child run; a report already written for the same best step is reused."""
         if not self.ctx.is_main:
             return None
         best_path = self.out / BEST
@@ -853,16 +880,19 @@ class _Run:
         if self.recipe.eval_after and best_path.exists():
             check_best(self.out, load_checkpoint(self.out / LAST), self.cb.message)
             best_state = load_checkpoint(best_path)
-            results_path = self.out / "eval" / "results.json"
-            previous = _read_results(results_path)
             step = best_state.get("global_step")
-            if previous is not None and step is not None and previous.get("checkpoint_step") == step:
-                test_results = previous  # this run was evaluated already (a resume of a finished run)
-                self.cb.message(f"the best checkpoint (step {step}) was evaluated already: {results_path}")
-            else:
-                data = self.recipe.data
+            models: list[FerModel] = []
+
+            def model() -> FerModel:  # built once, on the first evaluation that runs
+                if not models:
+                    models.append(model_from_checkpoint(best_state).to(self.device))
+                return models[0]
+
+            data = self.recipe.data
+            test_results = self._reuse(self.out / "eval", step)
+            if test_results is None:
                 test_results = evaluate(
-                    model_from_checkpoint(best_state).to(self.device),
+                    model(),
                     self.info,
                     protocol=self.protocol,
                     img_size=data.img_size,
@@ -873,50 +903,157 @@ class _Run:
                 test_results["checkpoint"] = str(best_path)
                 test_results["checkpoint_step"] = step
                 write_report(test_results, self.out / "eval")
+            self.evals_written.append("eval")
             prefix = self.recipe.data.test_split
             # logged at the best weights' step: a resumed, finished run finds them there and does not log them again
-            step = int(test_results.get("checkpoint_step") or 0)
-            if step not in tracker.logged_steps(f"{prefix}/acc"):
+            logged_step = int(test_results.get("checkpoint_step") or 0)
+            if logged_step not in tracker.logged_steps(f"{prefix}/acc"):
                 metrics = flat_metrics(test_results, prefix=prefix)
-                tracker.log_metrics(metrics, step=step)  # the headline figures on the training run's row too
-                self._log_eval_run(test_results, metrics, step=step)
+                tracker.log_metrics(metrics, step=logged_step)  # the headline figures on the training run's row too
+                self._log_eval_run(
+                    test_results,
+                    metrics,
+                    step=logged_step,
+                    folder="eval",
+                    protocol=self.protocol,
+                    info=self.info,
+                    run_name=f"eval-{self.protocol.name}",
+                )
+            for extra in self.recipe.extra_evals:
+                self._extra_evaluation(extra, model=model, step=step, checkpoint=best_path)
         tracker.log_artifact(self.out / "summary.csv")
         tracker.log_artifact(best_path, "checkpoints")
         return test_results
 
-    def _log_eval_run(self, results: dict[str, Any], metrics: dict[str, float], *, step: int) -> None:
-        """The evaluation as a child run of the training run: tagged as ``ferbench eval`` tags its runs, with the
-        test split as its dataset input, the metrics and the report files."""
-        protocol = self.protocol
+    def _reuse(self, folder: Path, step: int | None) -> dict[str, Any] | None:
+        """The results in ``folder`` when they are of the best checkpoint at ``step`` (a resume of a finished run)."""
+        results_path = folder / "results.json"
+        previous = _read_results(results_path)
+        if previous is not None and step is not None and previous.get("checkpoint_step") == step:
+            self.cb.message(f"the best checkpoint (step {step}) was evaluated already: {results_path}")
+            return previous
+        return None
+
+    def _extra_data(self, extra: ExtraEval) -> tuple[Any, Any]:
+        """(dataset, protocol) of an extra evaluation. The training data itself (its cache included) when the item
+        names no other dataset, root, options or SynthFER copy; else read from its root, a SynthFER copy generated
+        there first when missing (as ``data.synth`` does for training)."""
+        data = self.recipe.data
+        if extra.dataset is None and extra.root is None and not extra.options and extra.synth is None:
+            protocol, _ = extra_eval_protocol(extra, data, self.info)
+            return self.info, protocol
+        protocol, options = extra_eval_protocol(extra, data)
+        info = load_dataset(
+            dataset=protocol.dataset,
+            root=extra.root or data.root,
+            options={**options, **protocol.options},
+            synth=extra.synth,
+            message=self.cb.message,
+        )
+        if extra.dataset is None:
+            protocol, _ = extra_eval_protocol(extra, data, info)
+        return info, protocol
+
+    def _extra_evaluation(self, extra: ExtraEval, *, model, step: int | None, checkpoint: Path) -> None:
+        """One item of ``extra_evals``: evaluated into ``eval-<name>/`` (unless done for this best step), its
+        headline figures on the training run's row as ``eval-<name>/<metric>``, its report as a child run."""
+        name = f"eval-{extra.name}"
+        folder = self.out / name
+        info = protocol = None
+        results = self._reuse(folder, step)
+        if results is None:
+            info, protocol = self._extra_data(extra)
+            from fer_bench.eval.face_predict import alignment_mismatch
+
+            problem = alignment_mismatch(self.face_framing, info.extras.get("alignment"))
+            if problem:
+                self.cb.message(f"extra_evals {extra.name}: {problem}; evaluated anyway")
+            self.cb.message(f"extra evaluation {extra.name}: {protocol.name} / {protocol.split}")
+            results = evaluate(
+                model(),
+                info,
+                protocol=protocol,
+                img_size=self.recipe.data.img_size,
+                label_names=self.label_names,
+                device=self.device,
+                workers=self.workers,
+                perturb=extra.perturb,
+                perturb_seed=0,  # every run of a study sees the same perturbed images
+            )
+            results["checkpoint"] = str(checkpoint)
+            results["checkpoint_step"] = step
+            results["eval_name"] = extra.name
+            write_report(results, folder)
+        self.evals_written.append(name)
+        logged_step = int(results.get("checkpoint_step") or 0)
+        if logged_step in self.tracker.logged_steps(f"{name}/acc"):
+            return
+        headline = {f"{name}/{k}": v for k, v in results["metrics"].items() if _finite(v)}
+        self.tracker.log_metrics(headline, step=logged_step)
+        self._log_eval_run(
+            results,
+            flat_metrics(results, prefix=extra.split),
+            step=logged_step,
+            folder=name,
+            protocol=protocol,
+            info=info,
+            run_name=name,
+            extra_tags={"eval_name": extra.name},
+        )
+
+    def _log_eval_run(
+        self,
+        results: dict[str, Any],
+        metrics: dict[str, float],
+        *,
+        step: int,
+        folder: str,
+        protocol: Any,
+        info: Any,
+        run_name: str,
+        extra_tags: dict[str, str] | None = None,
+    ) -> None:
+        """An evaluation as a child run of the training run: tagged as ``ferbench eval`` tags its runs (and with the
+        recipe's ``tracking.tags``), with the scored rows as its dataset input (when ``info``, the data, was read), the
+        metrics and the report files of ``folder`` (under that artifact path)."""
+        recorded = results.get("protocol") or {}
         tags = {
+            **self.recipe.tracking.tags,
             "kind": "eval",
-            "dataset": self.info.name,
-            "protocol": protocol.name,
-            "protocol_version": str(protocol.version),
+            "dataset": results.get("dataset") or (info.name if info is not None else ""),
+            "protocol": recorded.get("name") or (protocol.name if protocol is not None else ""),
+            "protocol_version": str(recorded.get("version", protocol.version if protocol is not None else "")),
             "checkpoint": str(results.get("checkpoint") or ""),
             "train_run_id": self.run_id or "",
             "backbone": self.recipe.model.backbone,
+            "eval_name": "eval",
+            **(extra_tags or {}),
         }
-        with self.tracker.child(run_name=f"eval-{protocol.name}", tags=tags) as run:
-            try:
-                rows = protocol_rows(protocol, self.info)
-                run.log_inputs(
-                    [
-                        split_input(
-                            name=protocol.name,
-                            context="test",
-                            rows=rows,
-                            source=self.info.root,
-                            dataset_hash=results["dataset_hash"],
-                        )
-                    ]
-                )
-            except Exception as exc:
-                self.cb.message(f"MLflow: the test split is not recorded as the eval run's dataset input ({exc})")
+        with self.tracker.child(run_name=run_name, tags=tags) as run:
+            if info is not None and protocol is not None:
+                try:
+                    rows = protocol_rows(protocol, info)
+                    run.log_inputs(
+                        [
+                            split_input(
+                                name=protocol.name,
+                                context="test",
+                                rows=rows,
+                                source=info.root,
+                                dataset_hash=results["dataset_hash"],
+                            )
+                        ]
+                    )
+                except Exception as exc:
+                    self.cb.message(f"MLflow: the scored rows are not recorded as {run_name}'s dataset input ({exc})")
             run.log_metrics(metrics, step=step)
-            for path in sorted((self.out / "eval").iterdir()):
+            for path in sorted((self.out / folder).iterdir()):
                 if path.is_file() and not path.name.startswith("."):
-                    run.log_artifact(path, "eval")
+                    run.log_artifact(path, folder)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_results(path: Path) -> dict[str, Any] | None:
@@ -924,6 +1061,13 @@ def _read_results(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_done(folder: str | Path) -> dict[str, Any] | None:
+    """The ``done.json`` of a run folder (``run_id``, ``finished``, ``evals``: the report folders, ``best_step``), or
+    None when the run has not completed (still running, killed, failed) or the file is unreadable."""
+    done = _read_results(Path(folder) / DONE)
+    return done if isinstance(done, dict) and "evals" in done else None
 
 
 def timing_free(rows: list[dict[str, float]]) -> list[dict[str, float]]:

@@ -4,12 +4,13 @@ dotted path; ``--set key.path=value`` overrides any field. The recipe is unpacke
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fer_bench.data.transforms import AugmentOptions
 from fer_bench.errors import ConfigError
@@ -90,7 +91,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     backbone: str = "vit_tiny_patch16_224"
     stem: Literal["patch", "conv"] = "patch"
-    pretrained: bool | str = False
+    pretrained: bool | str = False  # true (hub), a timm weights file, or a fer_bench checkpoint (its backbone)
     heads: dict[str, dict[str, Any] | None] = {}  # au_heatmap / anchors / occlusion → options (fer_bench.models.heads)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     backbone_kwargs: dict[str, Any] = {}
@@ -144,6 +145,98 @@ class TrackingConfig(_Section):
     experiment: str = "fer_bench"
     tracking_uri: str = "sqlite:///mlflow.db"
     run_name: str | None = None
+    # An existing MLflow run (of this store, created by any process) the training run is nested under
+    # (``mlflow.parentRunId``), e.g. a study's run; None: a top-level run.
+    parent_run_id: str | None = None
+    # Tags set on the training run and its evaluation runs (values stringified): ``{study: s, arm: a, seed: 0}``.
+    tags: dict[str, str] = {}
+
+    @field_validator("parent_run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-zA-Z][\w\-]{0,255}", value):
+            raise ValueError(f"expected an MLflow run id (letters, digits, _ and -), got {value!r}")
+        return value
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of tag names to values, got {value!r}")
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key.strip():
+                raise ValueError(f"tag names must be non-empty text, got {key!r}")
+            if key.startswith("mlflow."):
+                raise ValueError(
+                    f"tag {key!r}: mlflow.* tags are MLflow's own (use tracking.run_name / tracking.parent_run_id)"
+                )
+            if isinstance(item, dict | list):
+                raise ValueError(f"tag {key!r}: expected a single value, got {item!r}")
+            out[key] = "" if item is None else str(item).lower() if isinstance(item, bool) else str(item)
+        return out
+
+
+#: What an extra evaluation's name may hold: its report folder is ``eval-<name>``.
+_EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ExtraEval(_Section):
+    """One more evaluation of the best checkpoint after training (``extra_evals``): another protocol, another copy of
+    the data (e.g. a SynthFER generated with other parameters), another split or a perturbation. Its report lands in
+    ``<output_dir>/eval-<name>/`` and is logged as an evaluation child run named ``eval-<name>``."""
+
+    name: str  # letters, digits, _ and -; unique among the extra evaluations; not "eval"
+    dataset: str | None = None  # a protocol or dataset name as ``ferbench eval --dataset`` takes; None: the training's
+    root: str | None = None  # the data folder; None: data.root
+    options: dict[str, Any] = {}  # adapter options (None dataset: added to data.options)
+    synth: dict[str, Any] | None = None  # SynthFER parameters: generated at root when root does not exist yet
+    split: str = "test"
+    perturb: str | None = None  # fer_bench.data.perturb.PERTURBATIONS: occlusion | blur | noise | jpeg
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _EVAL_NAME.fullmatch(value):
+            raise ValueError(f"expected letters, digits, _ and - (it names the folder eval-<name>), got {value!r}")
+        if value == "eval":
+            raise ValueError("got 'eval', the test evaluation's own folder; choose another name")
+        return value
+
+    @model_validator(mode="after")
+    def _synth_root(self) -> ExtraEval:
+        if self.synth is not None and self.root is None:
+            raise ValueError("synth: give the generated copy its own root, apart from the training data (got no root)")
+        return self
+
+    @field_validator("perturb")
+    @classmethod
+    def _perturb(cls, value: str | None) -> str | None:
+        from fer_bench.data.perturb import PERTURBATIONS
+
+        if value is not None and value not in PERTURBATIONS:
+            raise ValueError(
+                f"unknown perturbation {value!r}; expected one of {', '.join(PERTURBATIONS)}."
+                f"{did_you_mean(value, PERTURBATIONS)}"
+            )
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str | None) -> str | None:
+        from fer_bench.data import list_datasets
+        from fer_bench.eval.protocols import list_protocols
+
+        if value is None:
+            return value
+        choices = sorted(set(list_protocols()) | set(list_datasets()))
+        if value not in choices:
+            raise ValueError(
+                f"unknown protocol or dataset {value!r}.{did_you_mean(value, choices)} Available: {', '.join(choices)}"
+            )
+        return value
 
 
 class Recipe(_Section):
@@ -157,6 +250,17 @@ class Recipe(_Section):
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/{name}"
     eval_after: bool = True  # evaluate the best checkpoint on the test split when training ends
+    # More evaluations of the best checkpoint after the test one (only with eval_after), each in eval-<name>/
+    extra_evals: list[ExtraEval] = []
+
+    @field_validator("extra_evals")
+    @classmethod
+    def _distinct_names(cls, value: list[ExtraEval]) -> list[ExtraEval]:
+        names = [item.name for item in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"every extra evaluation needs its own name; {', '.join(map(repr, twice))} repeated")
+        return value
 
     @field_validator("output_dir")
     @classmethod
@@ -208,8 +312,15 @@ def parse_interval(value: int | str) -> tuple[str, float]:
 def _known_keys(loc: tuple, root: Any = None) -> list[str]:
     """The keys the section at ``loc`` (a pydantic error location, without the bad key) of ``root`` (default: the
     recipe) accepts."""
+    from typing import get_args, get_origin
+
     model: Any = root or Recipe
     for part in loc:
+        if isinstance(part, int):  # an item of a list section (extra_evals.0.name)
+            if get_origin(model) is not list:
+                return []
+            model = get_args(model)[0]
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
@@ -270,7 +381,70 @@ def recipe_from_dict(data: dict, *, source: str = "recipe") -> Recipe:
         check_head_options(recipe.model.heads)
     except FerBenchError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    for index, extra in enumerate(recipe.extra_evals):
+        check_extra_evaluation(extra, recipe.data, where=f"{source}: extra_evals.{index} ({extra.name})")
     return recipe
+
+
+def extra_eval_protocol(extra: ExtraEval, data: DataConfig, info: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The protocol an extra evaluation scores and the adapter options it reads the data with.
+
+    Without ``extra.dataset`` it is the training dataset's protocol (with ``data.options`` under the item's own
+    options; ``info``, the data as read, adds the options its adapter resolved itself); a ``split`` other than the
+    protocol's makes it an ad-hoc protocol (version 0).
+    """
+    from dataclasses import replace
+
+    from fer_bench.eval.protocols import get_protocol, protocol_for, protocol_of
+
+    if extra.dataset is None:
+        options = {**data.options, **extra.options}
+        if info is not None:
+            return protocol_of(info, options, split=extra.split), options
+        return protocol_for(data.dataset, options, split=extra.split), options
+    options = dict(extra.options)
+    protocol = get_protocol(extra.dataset)
+    if extra.split != protocol.split:
+        protocol = replace(
+            protocol,
+            split=extra.split,
+            version=0,
+            description=f"{protocol.description or protocol.name}; {extra.split} split (ad hoc, not a benchmark)",
+        )
+    return protocol, options
+
+
+def check_extra_evaluation(extra: ExtraEval, data: DataConfig, *, where: str) -> None:
+    """Check an extra evaluation against the recipe's data: the adapter options its dataset accepts (and that agree
+    with the protocol's), and SynthFER parameters only for SynthFER.
+
+    Raises:
+        ConfigError: naming ``where`` (the recipe and the item).
+    """
+    import dataclasses
+
+    from fer_bench.data import SynthFERConfig, check_dataset_options
+    from fer_bench.errors import FerBenchError
+
+    protocol, options = extra_eval_protocol(extra, data)
+    for key, value in protocol.options.items():
+        if key in options and options[key] != value:
+            raise ConfigError(f"{where}: options.{key}={options[key]!r}: protocol {protocol.name!r} fixes {value!r}")
+    try:
+        check_dataset_options(protocol.dataset, {**options, **protocol.options})
+    except FerBenchError as exc:
+        raise ConfigError(f"{where}: options: {exc}") from None
+    if extra.synth is not None:
+        if protocol.dataset != "synthfer":
+            raise ConfigError(f"{where}: synth: SynthFER parameters, but the evaluation reads {protocol.dataset!r}")
+        known = [f.name for f in dataclasses.fields(SynthFERConfig)]
+        for key in extra.synth:
+            if key not in known:
+                raise ConfigError(f"{where}: synth.{key}: unknown SynthFER parameter.{did_you_mean(key, known)}")
+        try:
+            SynthFERConfig(**extra.synth)
+        except FerBenchError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 def read_yaml_mapping(path: Path, *, kind: str) -> dict:

@@ -269,10 +269,22 @@ class Tracker:
         experiment: Experiment name.
         run_name: Run name.
         warn: Callable for the one-line warning (default: logging).
+        parent_run_id: An existing run of the store (made by any process, not active here) to nest this run under
+            (tag ``mlflow.parentRunId``); one that does not exist (or was deleted) is reported and the run starts at
+            the top level.
+        tags: Tags the run is created with (values stringified).
     """
 
     def __init__(
-        self, *, enabled: bool, tracking_uri: str, experiment: str, run_name: str | None = None, warn=None
+        self,
+        *,
+        enabled: bool,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        warn=None,
+        parent_run_id: str | None = None,
+        tags: dict[str, Any] | None = None,
     ) -> None:
         self.active = False
         self.run_id: str | None = None
@@ -292,13 +304,38 @@ class Tracker:
                 self._mlflow.set_tracking_uri(tracking_uri)
                 found = self._mlflow.set_experiment(experiment)
                 _quietly(mark_model_training, self._mlflow, found.experiment_id)
-                run = self._mlflow.start_run(run_name=run_name)
+                parent = self._parent(parent_run_id, found.experiment_id) if parent_run_id else None
+                run = self._mlflow.start_run(
+                    run_name=run_name, parent_run_id=parent, tags={k: str(v) for k, v in (tags or {}).items()}
+                )
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             self.active = True
         except Exception as exc:  # an unreachable or broken store must not stop training
             self._fail(
                 f"MLflow tracking at {tracking_uri!r} is unavailable ({_reason(exc)}); continuing without tracking"
             )
+
+    def _parent(self, run_id: str, experiment_id: str) -> str | None:
+        """``run_id`` when that run exists (and is not deleted) in the store, else None with one message; a parent in
+        another experiment is kept, with a note that MLflow's UI nests runs only within one experiment."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = self._mlflow.MlflowClient().get_run(run_id)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            self._warn(f"tracking.parent_run_id {run_id}: no such run in this store; the run is not nested under it")
+            return None
+        if parent.info.lifecycle_stage == "deleted":
+            self._warn(f"tracking.parent_run_id {run_id}: that run was deleted; the run is not nested under it")
+            return None
+        if parent.info.experiment_id != experiment_id:
+            self._warn(
+                f"tracking.parent_run_id {run_id}: the parent is in experiment {parent.info.experiment_id}, this run "
+                f"in {experiment_id}; MLflow's UI shows the nesting only within one experiment"
+            )
+        return run_id
 
     def _fail(self, message: str) -> None:
         self.active = False
