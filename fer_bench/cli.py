@@ -772,10 +772,10 @@ def study_commands(
 
     spec = load_study(study, output_dir=str(out) if out else None)
     remote = set(remote_runs(spec))
-    states = {run: run_state(run, eval_sets=spec.spec.eval_sets(), remote_finished=remote) for run in spec.runs}
-    todo = [run for run, state in states.items() if state in ("pending", "interrupted")]
+    states = {run.label: run_state(run, eval_sets=spec.spec.eval_sets(), remote_finished=remote) for run in spec.runs}
+    todo = [run for run in spec.runs if states[run.label] in ("pending", "interrupted")]
     pretrain = spec.pretrain
-    if pretrain is not None and states[pretrain] != "finished":
+    if pretrain is not None and states[pretrain.label] != "finished":
         todo = [pretrain] if pretrain in todo else []
         console.print(
             "the arms start from the pretraining run's checkpoint: run this command first, then ferbench study "
@@ -783,16 +783,13 @@ def study_commands(
             highlight=False,
         )
     if not todo:
-        console.print(
-            f"nothing to run: {sum(s == 'finished' for s in states.values())} of {len(states)} runs "
-            "finished, the others running",
-            highlight=False,
-        )
+        finished = sum(state == "finished" for state in states.values())
+        console.print(f"nothing to run: {finished} of {len(states)} runs finished, the others running", highlight=False)
         return
     parent = study_parent_run(spec, message=lambda m: console.print(m, highlight=False))
     for run in todo:
         args = train_command(
-            spec, run, parent_run_id=parent, resume=states[run] == "interrupted", gpus=gpus_per_run or None
+            spec, run, parent_run_id=parent, resume=states[run.label] == "interrupted", gpus=gpus_per_run or None
         )
         print(shell_line(args, cwd=Path.cwd()))
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -32,7 +31,9 @@ def _mlflow_runs(db: Path) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=["tests"], output_format="pandas")
 
 
-def _study(tmp_path: Path, root: Path, *, seeds=(0, 1), arms=None, extra: str = "", epochs: int = 1) -> Path:
+def _study(
+    tmp_path: Path, root: Path, *, seeds=(0, 1), arms=None, pairs=(("b", "a"),), extra: str = "", epochs: int = 1
+) -> Path:
     base = tiny_recipe_dict(root, tmp_path, **{"optim.epochs": epochs})
     base["model"]["backbone_kwargs"]["depth"] = 1
     base["runtime"]["threads"] = 1
@@ -43,17 +44,12 @@ def _study(tmp_path: Path, root: Path, *, seeds=(0, 1), arms=None, extra: str = 
         "base": "base.yaml",
         "seeds": list(seeds),
         "arms": arms or {"a": [], "b": ["optim.lr=0.003"]},
-        "pairs": [["b", "a"]],
+        "pairs": [list(pair) for pair in pairs],
         "output_dir": str(tmp_path / "study"),
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False) + extra)
     return path
-
-
-def _in(tmp_path: Path):
-    """Run from tmp_path (the study's relative paths: mlflow.db of the base recipe is absolute already)."""
-    return pytest.MonkeyPatch.context()
 
 
 def test_a_two_arm_two_seed_study_runs_skips_and_reports(tmp_path, tiny_synthfer):
@@ -70,6 +66,7 @@ def test_a_two_arm_two_seed_study_runs_skips_and_reports(tmp_path, tiny_synthfer
     parent = runs[runs["tags.kind"] == "study"]
     assert len(parent) == 1 and parent["status"].iloc[0] == "FINISHED"
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    assert set(children["tags.kind"]) == {"train"}  # each run's evaluations are children of the run
     assert sorted(zip(children["tags.arm"], children["tags.seed"], strict=True)) == [
         ("a", "0"),
         ("a", "1"),
@@ -126,6 +123,7 @@ def test_a_killed_study_resumes_its_interrupted_run(tmp_path, tiny_synthfer):
         tiny_synthfer,
         seeds=(0,),
         arms={"a": ["runtime.checkpoint_every=2"]},
+        pairs=(),
         epochs=40,
     )
     study = load_study(path)
@@ -149,7 +147,7 @@ def test_a_killed_study_resumes_its_interrupted_run(tmp_path, tiny_synthfer):
     assert [o.action for o in outcomes] == ["resumed"]
     assert read_done(run.out) is not None
     runs = _mlflow_runs(tmp_path / "mlflow.db")
-    trained = runs[runs["tags.arm"] == "a"]
+    trained = runs[(runs["tags.arm"] == "a") & (runs["tags.kind"] == "train")]
     assert len(trained) == 1 and trained["status"].iloc[0] == "FINISHED"  # the same MLflow run, continued
 
 
@@ -215,7 +213,7 @@ def test_injected_predictions_detect_an_effect_and_keep_the_false_positive_rate(
 
     study = _injected_study(tmp_path, tiny_synthfer, seeds=3)
     rng = np.random.default_rng(0)
-    n = 600
+    n = 2000
     ids = np.array([f"img{i}" for i in range(n)])
     y = rng.integers(0, 7, n)
 
@@ -226,17 +224,17 @@ def test_injected_predictions_detect_an_effect_and_keep_the_false_positive_rate(
             gathered = Gathered()
             for arm, shift in (("a", 0.0), ("b", effect)):
                 for seed in range(3):
-                    logit = 0.8 + difficulty + shift + rng.normal(0, 0.25)  # + the seed's own draw
+                    logit = 0.8 + difficulty + shift + rng.normal(0, 0.05)  # + the seed's own draw
                     right = rng.random(n) < 1 / (1 + np.exp(-(logit + rng.normal(0, 0.6, n))))
                     pred = np.where(right, y, (y + 1 + rng.integers(0, 6, n)) % 7)
                     gathered.scored[(arm, seed)] = {TEST_SET: _scored(y, pred, ids)}
                     gathered.source[(arm, seed)] = "injected"
-            analysis = analyse(study, gathered, n_resamples=50)
+            analysis = analyse(study, gathered, n_resamples=20)
             out.append(analysis["pairs"][0]["verdict"])
         return out
 
-    null = verdicts(0.0, 120)
+    null = verdicts(0.0, 500)
     rate = sum(v != "no detectable difference" for v in null) / len(null)
     assert rate <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / len(null))
-    found = verdicts(0.35, 20)
+    found = verdicts(0.3, 20)
     assert sum(v == "b better" for v in found) >= 16

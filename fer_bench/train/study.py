@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fer_bench.errors import ConfigError
 from fer_bench.registry import did_you_mean
+from fer_bench.train.fit import read_done
 from fer_bench.train.recipe import Recipe, format_errors, load_recipe, read_yaml_mapping, resolve_recipe
 
 #: Metrics a study can compare. acc, mean_class_acc and macro_f1 come from each run's confusion matrix; att_cos is
@@ -50,7 +51,6 @@ IDENTITY_FREE: tuple[str, ...] = (
     "runtime.log_every",
     "runtime.checkpoint_every",
 )
-DONE = "done.json"
 
 
 class _Strict(BaseModel):
@@ -363,15 +363,6 @@ def run_state(run: StudyRun, *, eval_sets: list[str], remote_finished: set[str] 
     return "pending"
 
 
-def read_done(out: Path) -> dict[str, Any] | None:
-    """A run folder's ``done.json`` (written by fit as its last step), or None."""
-    try:
-        done = json.loads((out / DONE).read_text())
-    except (OSError, ValueError):
-        return None
-    return done if isinstance(done, dict) else None
-
-
 def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
@@ -527,7 +518,9 @@ def remote_runs(study: Study) -> dict[str, Any]:
             return {}
         found = client.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.study = '{study.spec.name}' and attributes.status = 'FINISHED'",
+            filter_string=(
+                f"tags.study = '{study.spec.name}' and tags.kind = 'train' and attributes.status = 'FINISHED'"
+            ),
             order_by=["attributes.start_time DESC"],
         )
     except Exception:
@@ -535,7 +528,7 @@ def remote_runs(study: Study) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for run in found:
         key = run.data.tags.get("run_key")
-        if key and key not in out and run.data.tags.get("kind") != "study":
+        if key and key not in out and run.data.tags.get("kind") == "train":  # not its eval runs, which share the tags
             out[key] = run
     return out
 
