@@ -171,3 +171,18 @@ def test_bad_parameters_name_the_field():
         SynthFERConfig(size=30)
     with pytest.raises(ConfigError, match="label_noise"):
         SynthFERConfig(label_noise=1.5)
+
+
+def test_a_recipe_never_trains_on_a_synthfer_rendered_with_other_parameters(tiny_synthfer):
+    """data.synth names what the run needs; a folder of that name holding another rendering is an error, not data."""
+    from fer_bench.errors import ConfigError
+    from fer_bench.train.data_setup import load_dataset
+    from tests.conftest import TINY_SYNTH
+
+    same = load_dataset(dataset="synthfer", root=tiny_synthfer, options={}, synth=dict(TINY_SYNTH), message=print)
+    assert len(same.manifest) > 0
+    with pytest.raises(ConfigError) as info:
+        load_dataset(
+            dataset="synthfer", root=tiny_synthfer, options={}, synth={**TINY_SYNTH, "label_noise": 0.3}, message=print
+        )
+    assert "label_noise 0.0 there, 0.3 asked" in str(info.value) and str(tiny_synthfer) in str(info.value)
