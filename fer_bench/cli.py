@@ -716,6 +716,13 @@ study_app = typer.Typer(
 app.add_typer(study_app, name="study")
 
 StudyFile = Annotated[Path, typer.Argument(help="A study file (studies/NAME.yaml).")]
+
+
+def _say(message: str) -> None:
+    """One progress line of a study on stderr, never wrapped (paths and run ids stay whole for grep)."""
+    console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
 StudyOut = Annotated[
     Path | None, typer.Option("--out", help="The study's run folder (default: its output_dir, runs/studies/NAME).")
 ]
@@ -743,9 +750,7 @@ def study_run(
     from fer_bench.train.study import load_study, run_study
 
     spec = load_study(study, output_dir=str(out) if out else None)
-    outcomes = run_study(
-        spec, parallel=parallel, gpus=gpus, only=only, message=lambda m: console.print(m, highlight=False)
-    )
+    outcomes = run_study(spec, parallel=parallel, gpus=gpus, only=only, message=_say)
     counts = {a: sum(1 for o in outcomes if o.action == a) for a in ("trained", "resumed", "skipped", "busy", "failed")}
     stdout.print(", ".join(f"{n} {a}" for a, n in counts.items() if n) + f"; runs in {spec.out}", highlight=False)
     if counts["failed"]:
@@ -771,22 +776,21 @@ def study_commands(
     from fer_bench.train.study import load_study, remote_runs, run_state, shell_line, study_parent_run, train_command
 
     spec = load_study(study, output_dir=str(out) if out else None)
-    remote = set(remote_runs(spec))
+    remote = set(remote_runs(spec, message=_say))
     states = {run.label: run_state(run, eval_sets=spec.spec.eval_sets(), remote_finished=remote) for run in spec.runs}
     todo = [run for run in spec.runs if states[run.label] in ("pending", "interrupted")]
     pretrain = spec.pretrain
     if pretrain is not None and states[pretrain.label] != "finished":
         todo = [pretrain] if pretrain in todo else []
-        console.print(
+        _say(
             "the arms start from the pretraining run's checkpoint: run this command first, then ferbench study "
-            "commands again",
-            highlight=False,
+            "commands again"
         )
     if not todo:
         finished = sum(state == "finished" for state in states.values())
-        console.print(f"nothing to run: {finished} of {len(states)} runs finished, the others running", highlight=False)
+        _say(f"nothing to run: {finished} of {len(states)} runs finished, the others running")
         return
-    parent = study_parent_run(spec, message=lambda m: console.print(m, highlight=False))
+    parent = study_parent_run(spec, message=_say)
     for run in todo:
         args = train_command(
             spec, run, parent_run_id=parent, resume=states[run.label] == "interrupted", gpus=gpus_per_run or None
@@ -813,9 +817,7 @@ def study_report(
     from fer_bench.train.study_report import write_study_report
 
     spec = load_study(study, output_dir=str(out) if out else None)
-    paths = write_study_report(
-        spec, out=report_dir, n_resamples=bootstrap, message=lambda m: console.print(m, highlight=False)
-    )
+    paths = write_study_report(spec, out=report_dir, n_resamples=bootstrap, message=_say)
     text = paths["report"].read_text()
     pairs = text.split("## Pairs", 1)[1].split("\n## ", 1)[0] if "## Pairs" in text else ""
     if pairs:

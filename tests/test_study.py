@@ -116,6 +116,32 @@ def test_a_pretraining_run_starts_every_arm_and_is_part_of_their_identity(tmp_pa
         (GOOD.replace("  base: []", "  pretrain: []"), "not 'pretrain'"),
         (GOOD + "datasets: [synthfer, synthfer]\n", "two evaluation sets named 'synthfer'"),
         (GOOD + "alpha: 1.5\n", "alpha"),
+        # unknown keys at every level, wrong types
+        (GOOD.replace("[small_lr, base]", "{a: small_lr, b: base, foo: 1}"), "pairs.0.foo: unknown key"),
+        (GOOD + "datasets: [{dataset: synthfer, rot: x}]\n", "datasets.0.rot: unknown key. Did you mean 'root'?"),
+        (GOOD + "pretrain: {sett: []}\n", "pretrain.sett: unknown key"),
+        (GOOD.replace("seeds: [0, 1, 2]", "seeds: abc"), "seeds: Input should be a valid list"),
+        (GOOD.replace("seeds: [0, 1, 2]", "seeds: [true]"), "seeds.0: Input should be a valid integer"),
+        (GOOD.replace('arms:\n  base: []\n  small_lr: ["optim.lr=0.0001"]\n', "arms: [a, b]\n"), "arms: Input"),
+        (GOOD.replace('["optim.lr=0.0001"]', "optim.lr=0.0001"), "arms.small_lr: Input should be a valid list"),
+        (GOOD.replace("optim.lr=0.0001", "optim.lr"), "--set 'optim.lr': expected key.path=value"),
+        # a study name is a folder and an MLflow tag value
+        (GOOD.replace("name: heads", "name: a/b"), "a study name is letters, digits"),
+        (GOOD.replace("name: heads", "name: 'my study'"), "a study name is letters, digits"),
+        (GOOD.replace("name: heads", "name: '..'"), "a study name is letters, digits"),
+        # what the study sets for every run cannot be set by an arm (it would be silently replaced)
+        (GOOD.replace("optim.lr=0.0001", "runtime.seed=7"), "arms.small_lr: --set 'runtime.seed': set by the study's"),
+        (GOOD.replace("optim.lr=0.0001", "output_dir=elsewhere"), "--set 'output_dir': set by the study's output_dir"),
+        (GOOD.replace("optim.lr=0.0001", "tracking.tracking_uri=sqlite:///x.db"), "--set 'tracking.tracking_uri'"),
+        (GOOD + "pretrain: {set: [runtime.seed=3]}\n", "pretrain.set: --set 'runtime.seed'"),
+        # YAML keeps the last of two equal keys: an arm would vanish silently
+        (GOOD.replace("  small_lr:", "  base: [optim.lr=0.1]\n  small_lr:"), "study.yaml:7: 'base' given twice"),
+        # two arms that are one recipe would train the same run twice and compare it with itself
+        (
+            GOOD.replace('["optim.lr=0.0001"]', '["runtime.threads=1"]'),
+            "arms 'base' and 'small_lr' resolve to the same",
+        ),
+        (GOOD.replace("name: heads\n", ""), "missing key(s) name"),
     ],
 )
 def test_study_errors_name_the_key_and_what_is_wrong(tmp_path, text, message):
@@ -131,3 +157,156 @@ def test_missing_and_binary_study_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00name")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_study(binary)
+
+
+def test_a_folder_an_empty_file_and_a_recipe_are_no_study(tmp_path):
+    folder = tmp_path / "study.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder; give a study file"):
+        load_study(folder)
+    comments = tmp_path / "comments.yaml"
+    comments.write_text("# a study, some day\n")
+    with pytest.raises(ConfigError, match="the study is empty; see studies/"):
+        load_study(comments)
+    with pytest.raises(ConfigError, match="a recipe, not a study") as info:
+        load_study(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    assert "\n" not in str(info.value) and "{" not in str(info.value)  # not the whole recipe dumped
+
+
+def test_a_bad_base_recipe_is_named_as_the_base(tmp_path):
+    (tmp_path / "broken.yaml").write_text("name: broken\noptim: {lr: abc}\n")
+    with pytest.raises(ConfigError) as info:
+        load_study(_write(tmp_path, GOOD.replace("base: quickstart", "base: broken.yaml")))
+    said = str(info.value)
+    assert "study.yaml: base: " in said and "broken.yaml: optim.lr:" in said and "arm " not in said
+    with pytest.raises(ConfigError, match="base: names the study file itself"):
+        load_study(_write(tmp_path, GOOD.replace("base: quickstart", "base: study.yaml")))
+
+
+def _tiny_base(tmp_path: Path) -> Path:
+    """A base recipe that never touches an MLflow store (tracking off) and points at a data folder not needed here."""
+    import yaml
+
+    from tests.conftest import tiny_recipe_dict
+
+    recipe = tiny_recipe_dict(tmp_path / "synth", tmp_path)
+    recipe["tracking"]["enabled"] = False
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "base.yaml"
+
+
+def _finished_run(run, *, y_true, y_pred, att: bool = True) -> Path:
+    """A run folder as ``ferbench train`` leaves it (done.json, eval/results.json, eval/predictions.csv)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    folder = run.out / "eval"
+    folder.mkdir(parents=True)
+    acc = float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+    results = {
+        "metrics": {"acc": acc, "mean_class_acc": acc, "macro_f1": acc},
+        "label_space": {"names": [str(i) for i in range(3)]},
+        "fairness": {},
+        "n": len(y_true),
+    }
+    table = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(y_true))], "y_true": y_true, "y_pred": y_pred})
+    if att:
+        results["heads"] = {"au_attention": {"att_cos": 0.5}}
+        table["att_cos"] = 0.5
+    (folder / "results.json").write_text(json.dumps(results))
+    table.to_csv(folder / "predictions.csv", index=False)
+    (run.out / "done.json").write_text(json.dumps({"run_id": None, "evals": ["eval"]}))
+    return folder
+
+
+TWO_ARMS = """\
+name: probe
+base: base.yaml
+seeds: [0]
+arms:
+  a: []
+  b: ["optim.lr=0.003"]
+pairs: [[b, a]]
+"""
+
+
+def _report(tmp_path: Path, *args: str):
+    from typer.testing import CliRunner
+
+    from fer_bench.cli import app
+
+    return CliRunner().invoke(app, ["study", "report", str(tmp_path / "study.yaml"), "--bootstrap", "100", *args])
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda f: (f / "predictions.csv").unlink(), "predictions.csv: missing"),
+        (
+            lambda f: (f / "predictions.csv").write_text((f / "predictions.csv").read_text()[:40]),
+            "rows for the 30 images results.json scored (truncated?)",
+        ),
+        (lambda f: (f / "predictions.csv").write_bytes(b"\xff\xfe\x00junk"), "predictions.csv: unreadable"),
+        (lambda f: (f / "predictions.csv").write_text("image_id,label\nx,1\n"), "no column(s) y_true, y_pred"),
+        (lambda f: (f / "results.json").write_text('{"metrics": '), "results.json: unreadable (JSONDecodeError"),
+        (lambda f: (f / "results.json").write_text("[]"), "results.json: no metrics"),
+    ],
+)
+def test_a_run_with_a_damaged_file_is_left_out_of_the_report_with_its_file_named(tmp_path, damage, said):
+    _tiny_base(tmp_path)
+    path = _write(tmp_path, TWO_ARMS + f"output_dir: {tmp_path / 'runs'}\n")
+    study = load_study(path)
+    y = [i % 3 for i in range(30)]
+    damage(_finished_run(study.run("a", 0), y_true=y, y_pred=y))
+    _finished_run(study.run("b", 0), y_true=y, y_pred=[(v + 1) % 3 for v in y])
+    result = _report(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and f"a/seed0: left out of the report: {study.run('a', 0).out}" in (
+        result.output.replace("\n", "")
+    )
+    text = (tmp_path / "runs" / "report.md").read_text()
+    assert "runs found: 1 of 2" in text and f"- left out, a/seed0: {study.run('a', 0).out / 'eval'}" in text
+    assert said in text and "| b | a | test | acc | — | — | — | — | no usable run of a (left out, see above) |" in text
+    # with every run unusable there is nothing to report: one line, exit 2
+    damage(study.run("b", 0).out / "eval")
+    result = _report(tmp_path)
+    assert result.exit_code == 2 and "2 finished run(s) left out" in result.output and "Traceback" not in result.output
+
+
+def test_report_pairs_without_a_test_say_why(tmp_path):
+    """One arm not run yet; then att_cos compared on runs without AU maps; then a report folder that is a file."""
+    _tiny_base(tmp_path)
+    path = _write(tmp_path, TWO_ARMS + f"output_dir: {tmp_path / 'runs'}\n")
+    study = load_study(path)
+    y = [i % 3 for i in range(30)]
+    _finished_run(study.run("a", 0), y_true=y, y_pred=y, att=False)
+    result = _report(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "| b | a | test | acc | — | — | — | — | not run yet |" in (tmp_path / "runs" / "report.md").read_text()
+    _finished_run(study.run("b", 0), y_true=y, y_pred=y[::-1], att=False)
+    path.write_text(path.read_text() + "metric: att_cos\n")
+    result = _report(tmp_path)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "runs" / "report.md").read_text()
+    assert "| b | a | test | att_cos | — | — | — | — | not available: no per-image att_cos in these runs" in text
+    assert "| a | 0 | — |" in text and "nan" not in text  # the runs table: no value, not 'nan'
+    (tmp_path / "afile").write_text("")
+    result = _report(tmp_path, "--report-dir", str(tmp_path / "afile" / "r"))
+    assert result.exit_code == 2 and "the report cannot be written there" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_gpus_that_this_machine_lacks_are_one_line_before_anything_runs(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from fer_bench.cli import app
+
+    _tiny_base(tmp_path)
+    path = _write(tmp_path, TWO_ARMS + f"output_dir: {tmp_path / 'runs'}\n")
+    want = torch.cuda.device_count() + 1
+    result = CliRunner().invoke(app, ["study", "run", str(path), "--gpus", str(want), "--parallel", "1"])
+    assert result.exit_code == 2 and f"--gpus {want}: this machine has {want - 1} CUDA device(s)" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing generated or started

@@ -182,6 +182,107 @@ def test_study_cli_errors_are_one_line(tmp_path, tiny_synthfer):
     assert result.exit_code == 2 and "seedz: unknown key. Did you mean 'seeds'?" in result.output
 
 
+def test_a_failing_run_names_its_log_the_others_go_on_and_a_rerun_retries_it(tmp_path, tiny_synthfer):
+    """With no tracking server answering: the study still trains (without a parent run), prints its commands and
+    reports from the run folders; a run that fails in training is named with its log, and retried by a rerun."""
+    missing = tmp_path / "missing.pt"
+    path = _study(
+        tmp_path, tiny_synthfer, seeds=(0,), arms={"a": [], "c": [f"model.pretrained={missing}"]}, pairs=(("c", "a"),)
+    )
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["tracking"]["tracking_uri"] = "http://127.0.0.1:9"  # nothing listens there
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    runner = CliRunner()
+    (tmp_path / "afile").write_text("")
+    unwritable = runner.invoke(app, ["study", "run", str(path), "--out", str(tmp_path / "afile" / "study")])
+    assert unwritable.exit_code == 2 and "the study's runs cannot be written there" in unwritable.output
+    assert "Traceback" not in unwritable.output
+
+    started = time.monotonic()
+    result = runner.invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 1, result.output
+    study = load_study(path)
+    log = study.run("c", 0).out.parent / f"{study.run('c', 0).out.name}.log"
+    assert "c/seed0: failed (exit status 2) after" in result.output and f"; see {log}" in result.output
+    assert "model.pretrained" in log.read_text()  # the run's own error, kept in its log
+    assert "no parent study run (ConnectionError: no server answers at 127.0.0.1:9" in result.output
+    assert read_done(study.run("a", 0).out) is not None and "1 trained, 1 failed" in result.output
+    assert "Traceback" not in result.output and time.monotonic() - started < 300  # no minutes of MLflow retries
+
+    again = runner.invoke(app, ["study", "run", str(path)])
+    assert again.exit_code == 1 and "1 skipped, 1 failed" in again.output and "c/seed0: training in" in again.output
+    commands = runner.invoke(app, ["study", "commands", str(path)])
+    assert commands.exit_code == 0, commands.output
+    lines = [line for line in commands.stdout.splitlines() if " && ferbench train " in line]
+    assert len(lines) == 1 and "tracking.run_name=tiny-c-seed0" in lines[0]
+    report = runner.invoke(app, ["study", "report", str(path), "--bootstrap", "100"])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "runs found: 1 of 2 (missing: c/seed0)" in text and "| c | a | test | acc | — |" in text
+
+
+def test_two_study_processes_at_once_train_each_run_once(tmp_path, tiny_synthfer):
+    path = _study(tmp_path, tiny_synthfer, seeds=(0,))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fer_bench", "study", "run", str(path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    both = "\n".join(outputs)
+    for label in ("a/seed0", "b/seed0"):
+        assert both.count(f"{label}: training in") == 1, both  # each run trained by one of them
+    assert "another process is training it now" in both
+    assert "Traceback" not in both and "CREATE TABLE" not in both  # MLflow's store set up by one process at a time
+    assert [o.action for o in run_study(load_study(path), message=lambda m: None)] == ["skipped", "skipped"]
+
+
+def test_a_run_finished_or_taken_by_another_process_meanwhile_is_left_to_it(tmp_path, tiny_synthfer):
+    """Between the states said at the start and a run's turn, another process may finish a run (not trained again)
+    or start one (left to it; the parent study run is not closed while it trains)."""
+    import fcntl
+    import json as json_module
+
+    from fer_bench.train.study import _lock_path
+
+    path = _study(tmp_path, tiny_synthfer, seeds=(0,), arms={"a": [], "b": ["optim.lr=0.003"], "c": ["optim.lr=0.01"]})
+    study = load_study(path)
+    launched: list[str] = []
+    held = []
+
+    def finish(out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json_module.dumps({"run_id": None, "evals": ["eval"]}))
+
+    def launch(command: list[str], log: Path | None, env: dict[str, str]) -> int:
+        out = Path(next(a.split("=", 1)[1] for a in command if a.startswith("output_dir=")))
+        launched.append(out.name)
+        finish(out)  # this run trains
+        finish(study.run("b", 0).out)  # meanwhile another process finishes b ...
+        handle = open(_lock_path(study.run("c", 0).out), "a")  # noqa: SIM115  ... and starts c
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(handle)
+        return 0
+
+    messages: list[str] = []
+    outcomes = run_study(study, launch=launch, message=messages.append)
+    for handle in held:
+        handle.close()
+    assert [(o.run.arm, o.action) for o in outcomes] == [("a", "trained"), ("b", "skipped"), ("c", "busy")]
+    assert launched == [study.run("a", 0).out.name]
+    assert "b/seed0: finished by another process meanwhile; skipped" in messages
+    runs = _mlflow_runs(tmp_path / "mlflow.db")
+    assert runs[runs["tags.kind"] == "study"]["status"].tolist() == ["RUNNING"]  # c is not finished yet
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The report's statistics on injected predictions: a known effect is found, a null one flagged at most α of the time
 

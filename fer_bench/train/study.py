@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from fer_bench.errors import ConfigError
 from fer_bench.registry import did_you_mean
@@ -51,6 +52,21 @@ IDENTITY_FREE: tuple[str, ...] = (
     "runtime.log_every",
     "runtime.checkpoint_every",
 )
+#: Recipe keys the study sets for every run, which an arm's (or the pretraining run's) ``--set`` must not: the seed
+#: comes from ``seeds``, the folder and MLflow names from the study, the extra evaluations from ``datasets`` and
+#: ``perturbations``; where runs are tracked is the base recipe's, the same for every run (``study report`` reads them
+#: from one store).
+STUDY_OWNED: dict[str, str] = {
+    "runtime.seed": "the study's seeds",
+    "output_dir": "the study's output_dir",
+    "extra_evals": "the study's datasets and perturbations",
+    "tracking.run_name": "the study",
+    "tracking.tags": "the study",
+    "tracking.parent_run_id": "the study",
+    "tracking.tracking_uri": "the base recipe (one store for every run)",
+    "tracking.experiment": "the base recipe (one store for every run)",
+    "tracking.enabled": "the base recipe (one store for every run)",
+}
 
 
 class _Strict(BaseModel):
@@ -87,16 +103,16 @@ class PretrainSpec(_Strict):
 
     recipe: str | None = None  # default: the base recipe
     set: list[str] = []
-    seed: int = 0
+    seed: StrictInt = 0
 
 
 class StudySpec(_Strict):
     """The contents of a study file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str  # a folder name and an MLflow tag value: letters, digits, _ - . (not first)
     base: str  # recipe file (beside the study file or the working folder) or shipped recipe name
     arms: dict[str, list[str]] = Field(min_length=1)  # arm name -> --set overrides
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)  # `true` is no seed
     metric: str = "acc"
     pairs: list[PairSpec] = []
     datasets: list[EvalSetSpec] = []  # extra evaluation sets of every run
@@ -104,6 +120,16 @@ class StudySpec(_Strict):
     pretrain: PretrainSpec | None = None
     alpha: float = Field(0.05, gt=0, lt=1)
     output_dir: str = "runs/studies/{name}"
+
+    @field_validator("name")
+    @classmethod
+    def _study_name(cls, value: str) -> str:
+        if not value or value[0] == "." or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in value):
+            raise ValueError(
+                f"a study name is letters, digits, _ - and . (not first): it names a folder and MLflow tags; "
+                f"got {value!r}"
+            )
+        return value
 
     @field_validator("arms")
     @classmethod
@@ -267,11 +293,23 @@ def load_study(path: str | os.PathLike, *, output_dir: str | None = None) -> Stu
             or no evaluation set, an arm's override that its recipe rejects (named with the arm).
     """
     path = Path(path)
-    data = read_yaml_mapping(path, kind="study")
+    data = _read_study_file(path)
+    missing = [key for key in ("name", "base", "arms") if key not in data]
+    if missing and {"data", "model", "optim"} & set(data):
+        raise ConfigError(
+            f"{path}: a recipe, not a study (ferbench train runs it); a study names a recipe as base: and lists "
+            "arms: (see studies/heads_synthfer_short.yaml)"
+        )
+    if missing:
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}; a study has name, base and arms")
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, str(path), StudySpec)) from None
+    for arm, overrides in spec.arms.items():
+        _check_owned(path, f"arms.{arm}", overrides)
+    if spec.pretrain is not None:
+        _check_owned(path, "pretrain.set", spec.pretrain.set)
     for pair in spec.pairs:
         for arm in (pair.a, pair.b):
             if arm not in spec.arms:
@@ -285,11 +323,14 @@ def load_study(path: str | os.PathLike, *, output_dir: str | None = None) -> Stu
             )
     out = Path((output_dir or spec.output_dir).replace("{name}", spec.name))
     base = _recipe_file(spec.base, path, key="base")
+    _check_base(path, base, key="base")
     extra = _extra_evals(spec)
     runs: list[StudyRun] = []
     shared: list[str] = []
     if spec.pretrain is not None:
         pre_base = _recipe_file(spec.pretrain.recipe, path, key="pretrain.recipe") if spec.pretrain.recipe else base
+        if pre_base is not base:
+            _check_base(path, pre_base, key="pretrain.recipe")
         pretrain = _resolve(
             path, "pretrain", spec.pretrain.seed, pre_base, [*spec.pretrain.set], out=out, study=spec.name, extra=""
         )
@@ -298,7 +339,84 @@ def load_study(path: str | os.PathLike, *, output_dir: str | None = None) -> Stu
     for arm, overrides in spec.arms.items():
         for seed in spec.seeds:
             runs.append(_resolve(path, arm, seed, base, [*shared, *overrides], out=out, study=spec.name, extra=extra))
+    _check_distinct_arms(path, runs)
     return Study(spec=spec, path=path, out=out, runs=tuple(runs))
+
+
+def _read_study_file(path: Path) -> dict[str, Any]:
+    """The study file as a mapping (:func:`read_yaml_mapping`), refusing a folder, an empty file with a pointer to
+    the shipped studies, and a key given twice in one mapping (YAML keeps the last silently: an arm would vanish)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give a study file (studies/NAME.yaml)")
+    try:
+        data = read_yaml_mapping(path, kind="study")
+    except ConfigError as exc:
+        if "the study is empty" not in str(exc):
+            raise
+        raise ConfigError(
+            f"{path}: the study is empty; see studies/heads_synthfer_short.yaml for one to start from"
+        ) from None
+    duplicate = _duplicate_key(path.read_text(encoding="utf-8"))
+    if duplicate:
+        key, line = duplicate
+        raise ConfigError(f"{path}:{line}: {key!r} given twice in one mapping (YAML would keep only the last)")
+    return data
+
+
+def _duplicate_key(text: str) -> tuple[str, int] | None:
+    """The first key repeated within one YAML mapping of ``text`` and its line, or None (the node tree of
+    ``yaml.compose`` with the safe loader: nothing is constructed)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        return key.value, key.start_mark.line + 1
+                    seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
+
+
+def _check_owned(path: Path, where: str, overrides: list[str]) -> None:
+    """An override of a key the study sets for every run (:data:`STUDY_OWNED`) would be silently replaced: refused."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        for owned, by in STUDY_OWNED.items():
+            if key == owned or owned.startswith(key + "."):
+                raise ConfigError(f"{path}: {where}: --set {key!r}: set by {by}, not per arm; remove it from {where}")
+
+
+def _check_base(path: Path, base: Path, *, key: str) -> None:
+    """A base recipe valid on its own, so that its mistakes are named as the base's, not as the first arm's."""
+    if base.resolve() == path.resolve():
+        raise ConfigError(f"{path}: {key}: names the study file itself; give a recipe (a file or a shipped name)")
+    try:
+        load_recipe(base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {key}: {exc}") from None
+
+
+def _check_distinct_arms(path: Path, runs: list[StudyRun]) -> None:
+    """Two arms that resolve to the same recipe at a seed would train the same run twice and compare it with itself."""
+    seen: dict[str, StudyRun] = {}
+    for run in runs:
+        other = seen.setdefault(run.key, run)
+        if other is not run:
+            raise ConfigError(
+                f"{path}: arms {other.arm!r} and {run.arm!r} resolve to the same recipe (run key {run.key}); "
+                "an arm must change at least one setting that changes what is learned"
+            )
 
 
 def _extra_evals(spec: StudySpec) -> str:
@@ -350,9 +468,7 @@ def run_state(run: StudyRun, *, eval_sets: list[str], remote_finished: set[str] 
     """``finished`` (its ``done.json`` lists every evaluation set, or MLflow holds it finished), ``interrupted``
     (``last.pt`` without a complete ``done.json``: continued with ``--resume``), ``running`` (another process holds
     its lock) or ``pending``."""
-    done = read_done(run.out)
-    wanted = {"eval" if name == TEST_SET else f"eval-{name}" for name in eval_sets} if run.arm != "pretrain" else set()
-    if done is not None and wanted <= set(done.get("evals", [])) | ({"eval"} if run.arm == "pretrain" else set()):
+    if finished_here(run, eval_sets=eval_sets):
         return "finished"
     if run_locked(run.out):
         return "running"
@@ -361,6 +477,15 @@ def run_state(run: StudyRun, *, eval_sets: list[str], remote_finished: set[str] 
     if remote_finished and run.key in remote_finished:
         return "finished"
     return "pending"
+
+
+def finished_here(run: StudyRun, *, eval_sets: list[str]) -> bool:
+    """Whether the run's folder holds a ``done.json`` that lists every evaluation set of the study."""
+    done = read_done(run.out)
+    if done is None:
+        return False
+    wanted = {"eval" if name == TEST_SET else f"eval-{name}" for name in eval_sets} if run.arm != "pretrain" else set()
+    return wanted <= set(done.get("evals", [])) | ({"eval"} if run.arm == "pretrain" else set())
 
 
 def _lock_path(out: Path) -> Path:
@@ -495,7 +620,9 @@ def study_parent_run(study: Study, *, message: Callable[[str], None]) -> str | N
             client.log_param(run.info.run_id, "metric", study.spec.metric)
             return run.info.run_id
     except Exception as exc:  # a study trains without its parent run rather than not at all
-        message(f"MLflow at {study.tracking_uri!r}: no parent study run ({type(exc).__name__}: {exc}); runs go on")
+        from fer_bench.train.tracking import _reason
+
+        message(f"MLflow at {study.tracking_uri!r}: no parent study run ({_reason(exc)}); runs go on")
         return None
 
 
@@ -507,23 +634,29 @@ def finish_parent_run(study: Study, run_id: str | None, *, complete: bool) -> No
         _client(study.tracking_uri).set_terminated(run_id, "FINISHED")
 
 
-def remote_runs(study: Study) -> dict[str, Any]:
-    """Finished MLflow runs of this study, by run key (the newest per key); empty when the store is unreachable."""
+def remote_runs(study: Study, *, message: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Finished MLflow runs of this study, by run key (the newest per key); empty (with one line said to
+    ``message``) when the store cannot be read."""
     if not study.runs[0].recipe.tracking.enabled:
         return {}
+    from fer_bench.train.tracking import _reason, _store_lock
+
     try:
-        client = _client(study.tracking_uri)
-        experiment = client.get_experiment_by_name(study.experiment)
-        if experiment is None:
-            return {}
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=(
-                f"tags.study = '{study.spec.name}' and tags.kind = 'train' and attributes.status = 'FINISHED'"
-            ),
-            order_by=["attributes.start_time DESC"],
-        )
-    except Exception:
+        with _store_lock(study.tracking_uri):  # a new sqlite store is created by one process at a time
+            client = _client(study.tracking_uri)
+            experiment = client.get_experiment_by_name(study.experiment)
+            if experiment is None:
+                return {}
+            found = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=(
+                    f"tags.study = '{study.spec.name}' and tags.kind = 'train' and attributes.status = 'FINISHED'"
+                ),
+                order_by=["attributes.start_time DESC"],
+            )
+    except Exception as exc:
+        if message is not None:
+            message(f"MLflow at {study.tracking_uri!r} cannot be read ({_reason(exc)}): only the run folders count")
         return {}
     out: dict[str, Any] = {}
     for run in found:
@@ -584,8 +717,8 @@ def run_study(
         gpus: GPUs of this machine; each of the ``parallel`` runs gets ``gpus // parallel`` of them
             (``CUDA_VISIBLE_DEVICES``), and a run with more than one is a torchrun DDP job.
         only: Arms to run (default: all).
-        launch: Runs one command with a log file (None: inherit the terminal) and extra environment; returns its
-            exit status (default: a subprocess).
+        launch: Runs one command with its log file (``<run folder>.log``) and extra environment; returns its exit
+            status (default: a subprocess whose output goes to the log, and to stderr too when ``parallel`` is 1).
 
     Returns:
         What happened to each run, in the study's order.
@@ -594,13 +727,21 @@ def run_study(
         raise ConfigError(f"--parallel: expected at least 1, got {parallel}")
     if gpus and gpus < parallel:
         raise ConfigError(f"--gpus {gpus} --parallel {parallel}: each parallel run needs at least one GPU")
+    if gpus:
+        import torch
+
+        have = torch.cuda.device_count()
+        if gpus > have:
+            fix = f"give --gpus {have} or less" if have else "leave --gpus out to train on the CPU (--parallel N)"
+            raise ConfigError(f"--gpus {gpus}: this machine has {have} CUDA device(s); {fix}")
     if only:
         for arm in only:
             if arm not in study.spec.arms:
                 raise ConfigError(f"--only: no arm {arm!r} in {study.path}.{did_you_mean(arm, study.spec.arms)}")
-    launch = launch or _subprocess_launch
+    if launch is None:
+        launch = functools.partial(_subprocess_launch, echo=parallel == 1)
     eval_sets = study.spec.eval_sets()
-    remote = set(remote_runs(study))
+    remote = set(remote_runs(study, message=message))
     selected = [run for run in study.runs if run.arm == "pretrain" or not only or run.arm in only]
     states = {run.key + run.label: run_state(run, eval_sets=eval_sets, remote_finished=remote) for run in selected}
     todo = [run for run in selected if states[run.key + run.label] in ("interrupted", "pending")]
@@ -616,19 +757,37 @@ def run_study(
             message(f"{run.label}: another process is training it now; left to that process")
     if not todo:
         return [outcomes[run.label] for run in selected]
+    _check_writable(study.out)
     prepare_data(study, todo, message=message)
     parent = study_parent_run(study, message=message)
     slots = _slots(parallel=parallel, gpus=gpus)
     phases = [[r for r in todo if r.arm == "pretrain"], [r for r in todo if r.arm != "pretrain"]]
     for phase in phases:
-        for outcome in _run_phase(study, phase, slots=slots, parent=parent, launch=launch, message=message):
+        for outcome in _run_phase(
+            study, phase, slots=slots, parent=parent, launch=launch, message=message, eval_sets=eval_sets
+        ):
             outcomes[outcome.run.label] = outcome
         if any(outcomes[r.label].action == "failed" for r in phase if r.arm == "pretrain"):
             message("the pretraining run failed: the arms need its checkpoint, so they were not started")
             break
     ordered = [outcomes.get(run.label) or RunOutcome(run, "failed", returncode=-1) for run in selected]
-    finish_parent_run(study, parent, complete=all(o.action != "failed" for o in ordered) and not only)
+    done = all(o.action in ("skipped", "trained", "resumed") for o in ordered)  # not while another process trains
+    finish_parent_run(study, parent, complete=done and not only)
     return ordered
+
+
+def _check_writable(folder: Path) -> None:
+    """The study's folder exists and takes files, before anything is generated or started."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{folder}: the study's runs cannot be written there ({exc.strerror or type(exc).__name__}); "
+            "give --out DIR, a folder you can write"
+        ) from None
 
 
 def _slots(*, parallel: int, gpus: int) -> list[dict[str, Any]]:
@@ -640,7 +799,7 @@ def _slots(*, parallel: int, gpus: int) -> list[dict[str, Any]]:
     return [{"threads": threads if parallel > 1 else None} for _ in range(parallel)]
 
 
-def _run_phase(study, runs, *, slots, parent, launch, message) -> list[RunOutcome]:
+def _run_phase(study, runs, *, slots, parent, launch, message, eval_sets) -> list[RunOutcome]:
     import queue
     import threading
     import time
@@ -650,7 +809,6 @@ def _run_phase(study, runs, *, slots, parent, launch, message) -> list[RunOutcom
         free.put(slot)
     results: list[RunOutcome] = []
     lock = threading.Lock()
-    quiet = len(slots) > 1  # one run at a time shows its own progress; several write log files
 
     def one(run: StudyRun) -> None:
         slot = free.get()
@@ -659,6 +817,9 @@ def _run_phase(study, runs, *, slots, parent, launch, message) -> list[RunOutcom
                 if not held:
                     outcome = RunOutcome(run, "busy")
                     message(f"{run.label}: another process is training it now; left to that process")
+                elif finished_here(run, eval_sets=eval_sets):  # another process finished it since the states
+                    outcome = RunOutcome(run, "skipped")
+                    message(f"{run.label}: finished by another process meanwhile; skipped")
                 else:
                     outcome = _train_one(
                         study,
@@ -666,10 +827,12 @@ def _run_phase(study, runs, *, slots, parent, launch, message) -> list[RunOutcom
                         slot=slot,
                         parent=parent,
                         launch=launch,
-                        quiet=quiet,
                         message=message,
                         clock=time.monotonic,
                     )
+        except Exception as exc:  # one run's trouble (a folder it cannot create) must not end the others silently
+            outcome = RunOutcome(run, "failed", returncode=1)
+            message(f"{run.label}: failed before training ({type(exc).__name__}: {exc})")
         finally:
             free.put(slot)
         with lock:
@@ -683,7 +846,7 @@ def _run_phase(study, runs, *, slots, parent, launch, message) -> list[RunOutcom
     return results
 
 
-def _train_one(study, run, *, slot, parent, launch, quiet, message, clock) -> RunOutcome:
+def _train_one(study, run, *, slot, parent, launch, message, clock) -> RunOutcome:
     resume = (run.out / "last.pt").exists()
     extra = [f"runtime.threads={slot['threads']}"] if slot.get("threads") else []
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slot["gpus"]))} if slot.get("gpus") else {}
@@ -697,20 +860,22 @@ def _train_one(study, run, *, slot, parent, launch, quiet, message, clock) -> Ru
         program=[sys.executable, "-m", "fer_bench"],
         extra=extra,
     )
-    log = run.out.parent / f"{run.out.name}.log" if quiet else None
-    message(f"{run.label}: {'resuming' if resume else 'training'} in {run.out}" + (f" (log {log})" if log else ""))
+    log = run.out.parent / f"{run.out.name}.log"
+    message(f"{run.label}: {'resuming' if resume else 'training'} in {run.out} (log {log})")
     started = clock()
     code = launch(command, log, env)
     seconds = clock() - started
     if code != 0 or read_done(run.out) is None:
-        where = f"; see {log}" if log else ""
-        message(f"{run.label}: failed (exit status {code}) after {seconds:.0f} s{where}")
+        message(f"{run.label}: failed (exit status {code}) after {seconds:.0f} s; see {log}")
         return RunOutcome(run, "failed", seconds, log, code or 1)
     message(f"{run.label}: finished in {seconds:.0f} s")
     return RunOutcome(run, "resumed" if resume else "trained", seconds, log)
 
 
-def _subprocess_launch(command: list[str], log: Path | None, env: dict[str, str]) -> int:
+def _subprocess_launch(command: list[str], log: Path | None, env: dict[str, str], *, echo: bool = False) -> int:
+    """Run ``command`` with its output (stdout and stderr) appended to ``log``; with ``echo``, also shown on stderr
+    as it comes (one run at a time). Without a log the output goes to the terminal."""
+    import codecs
     import subprocess
 
     environment = {**os.environ, **env}
@@ -718,4 +883,14 @@ def _subprocess_launch(command: list[str], log: Path | None, env: dict[str, str]
         return subprocess.call(command, env=environment)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
-        return subprocess.call(command, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+        if not echo:
+            return subprocess.call(command, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        assert process.stdout is not None
+        while chunk := process.stdout.read1(1 << 16):
+            handle.write(chunk)
+            handle.flush()
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+        return process.wait()

@@ -76,19 +76,47 @@ class Gathered:
     scored: dict[tuple[str, int], dict[str, Scored]] = field(default_factory=dict)
     source: dict[tuple[str, int], str] = field(default_factory=dict)
     missing: list[tuple[str, int]] = field(default_factory=list)
+    #: finished runs left out because a file of theirs cannot be used: (arm, seed) → the file and why
+    unreadable: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
 def _eval_folder(name: str) -> str:
     return "eval" if name == TEST_SET else f"eval-{name}"
 
 
-def _read_scored(folder: Path) -> Scored | None:
+def _read_scored(folder: Path) -> tuple[Scored | None, str | None]:
+    """An evaluation folder's results.json and predictions.csv, or (None, the file and what is wrong with it): missing,
+    unparsable, without the metrics or columns a study compares, or a predictions table that does not hold one row
+    per scored image (truncated)."""
+    results_path, predictions_path = folder / "results.json", folder / "predictions.csv"
     try:
-        results = json.loads((folder / "results.json").read_text())
-        predictions = pd.read_csv(folder / "predictions.csv", dtype={"image_id": str}, keep_default_na=False)
-    except (OSError, ValueError):
-        return None
-    return Scored(results, predictions)
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{results_path}: missing"
+    except (OSError, ValueError) as exc:
+        return None, f"{results_path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    metrics = results.get("metrics") if isinstance(results, dict) else None
+    if not isinstance(metrics, dict) or any(m not in metrics for m in CONFUSION_METRICS):
+        return None, f"{results_path}: no metrics {', '.join(CONFUSION_METRICS)} (not a fer_bench evaluation?)"
+    if not isinstance((results.get("label_space") or {}).get("names"), list):
+        return None, f"{results_path}: no label_space.names (not a fer_bench evaluation?)"
+    try:
+        predictions = pd.read_csv(predictions_path, dtype={"image_id": str}, keep_default_na=False)
+    except FileNotFoundError:
+        return None, f"{predictions_path}: missing"
+    except (OSError, ValueError) as exc:  # pandas' parser and empty-data errors are ValueErrors
+        return None, f"{predictions_path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    absent = [c for c in ("image_id", "y_true", "y_pred") if c not in predictions]
+    if absent:
+        return None, f"{predictions_path}: no column(s) {', '.join(absent)}"
+    n = results.get("n")
+    if isinstance(n, int) and len(predictions) != n:
+        return None, f"{predictions_path}: {len(predictions)} rows for the {n} images results.json scored (truncated?)"
+    for column in ("y_true", "y_pred"):
+        values = pd.to_numeric(predictions[column], errors="coerce")
+        if values.isna().any() or (values % 1 != 0).any():
+            return None, f"{predictions_path}: {column} holds values that are not class indices"
+    return Scored(results, predictions), None
 
 
 def gather(study: Study, *, message: Callable[[str], None] = print) -> Gathered:
@@ -99,29 +127,47 @@ def gather(study: Study, *, message: Callable[[str], None] = print) -> Gathered:
     remote: dict[str, Any] | None = None
     for run in study.arm_runs:
         where = (run.arm, run.seed)
-        found = _local(run, eval_sets)
+        found, problem = _local(run, eval_sets)
         source = str(run.out)
         if found is None:
             if remote is None:
-                remote = remote_runs(study)
+                remote = remote_runs(study, message=message)
             if run.key in remote:
-                found = _download(study, run, remote[run.key], eval_sets, message=message)
+                found, fetched = _download(study, run, remote[run.key], eval_sets, message=message)
+                problem = problem or fetched
                 source = f"MLflow run {remote[run.key].info.run_id}"
         if found is None:
-            out.missing.append(where)
+            if problem:
+                out.unreadable[where] = problem
+                message(f"{run.label}: left out of the report: {problem}")
+            else:
+                out.missing.append(where)
             continue
         out.scored[where], out.source[where] = found, source
     return out
 
 
-def _local(run: StudyRun, eval_sets: list[str]) -> dict[str, Scored] | None:
+def _local(run: StudyRun, eval_sets: list[str]) -> tuple[dict[str, Scored] | None, str | None]:
+    """A finished run's evaluation sets from its folder; (None, None) when it has not finished there, (None, why)
+    when one of its files cannot be used."""
     if read_done(run.out) is None:
-        return None
-    found = {name: _read_scored(run.out / _eval_folder(name)) for name in eval_sets}
-    return None if any(v is None for v in found.values()) else found  # type: ignore[return-value]
+        return None, None
+    return _read_all(run.out, eval_sets)
 
 
-def _download(study: Study, run: StudyRun, mlflow_run, eval_sets: list[str], *, message) -> dict[str, Scored] | None:
+def _read_all(folder: Path, eval_sets: list[str]) -> tuple[dict[str, Scored] | None, str | None]:
+    found = {}
+    for name in eval_sets:
+        scored, problem = _read_scored(folder / _eval_folder(name))
+        if scored is None:
+            return None, problem
+        found[name] = scored
+    return found, None
+
+
+def _download(
+    study: Study, run: StudyRun, mlflow_run, eval_sets: list[str], *, message
+) -> tuple[dict[str, Scored] | None, str | None]:
     """A finished run's evaluation folders, from the eval child runs MLflow holds under it."""
     from fer_bench.train.study import _client
 
@@ -143,9 +189,8 @@ def _download(study: Study, run: StudyRun, mlflow_run, eval_sets: list[str], *, 
                     continue
     except Exception as exc:
         message(f"{run.label}: could not fetch its results from MLflow ({type(exc).__name__}: {exc})")
-        return None
-    found = {name: _read_scored(target / _eval_folder(name)) for name in eval_sets}
-    return None if any(v is None for v in found.values()) else found  # type: ignore[return-value]
+        return None, None
+    return _read_all(target, eval_sets)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,7 +348,11 @@ def analyse(study: Study, gathered: Gathered, *, n_resamples: int = 1000) -> dic
     for pair in spec.pairs:
         metric = spec.pair_metric(pair)
         test = pair_test(study, pair.a, pair.b, pair.on, metric, gathered, n_resamples=n_resamples)
-        pairs.append({"a": pair.a, "b": pair.b, "on": pair.on, "metric": metric, "test": test})
+        row = {"a": pair.a, "b": pair.b, "on": pair.on, "metric": metric, "test": test}
+        if test is None:
+            why = f"no per-image {metric} in these runs (no AU maps)"
+            row["reason"] = _untested(study, pair.a, pair.b, gathered, why)
+        pairs.append(row)
     _adjust(pairs, alpha=spec.alpha)
     fairness: dict[str, Any] = {"arms": {}, "pairs": []}
     any_run = next(iter(gathered.scored.values()), None)
@@ -312,7 +361,9 @@ def analyse(study: Study, gathered: Gathered, *, n_resamples: int = 1000) -> dic
         rows = {}
         for column in columns:
             values = [
-                gathered.scored[(arm, s)][TEST_SET].results["fairness"][column][FAIRNESS_GAP]["value"]
+                ((gathered.scored[(arm, s)][TEST_SET].results.get("fairness") or {}).get(column) or {})
+                .get(FAIRNESS_GAP, {})
+                .get("value")
                 for s in spec.seeds
                 if (arm, s) in gathered.scored
             ]
@@ -327,9 +378,23 @@ def analyse(study: Study, gathered: Gathered, *, n_resamples: int = 1000) -> dic
     for pair in spec.pairs:
         for column in columns:
             test = fairness_pair(study, pair.a, pair.b, column, gathered, n_resamples=n_resamples)
-            fairness["pairs"].append({"a": pair.a, "b": pair.b, "on": TEST_SET, "metric": column, "test": test})
+            row = {"a": pair.a, "b": pair.b, "on": TEST_SET, "metric": column, "test": test}
+            if test is None:
+                why = f"fewer than 2 {column} groups of {MIN_GROUP_SIZE}+ test images"
+                row["reason"] = _untested(study, pair.a, pair.b, gathered, why)
+            fairness["pairs"].append(row)
     _adjust(fairness["pairs"], alpha=spec.alpha, lower_is_better=True)
     return {"arms": arms, "pairs": pairs, "fairness": fairness, "columns": columns}
+
+
+def _untested(study: Study, a: str, b: str, gathered: Gathered, why: str) -> str:
+    """The verdict of a pair without a test: a side without runs (not run yet, or its runs left out), else ``why``."""
+    for arm in (a, b):
+        if not any((arm, s) in gathered.scored for s in study.spec.seeds):
+            if any(where[0] == arm for where in gathered.unreadable):
+                return f"no usable run of {arm} (left out, see above)"
+            return "not run yet"
+    return f"not available: {why}"
 
 
 def _adjust(pairs: list[dict[str, Any]], *, alpha: float, lower_is_better: bool = False) -> None:
@@ -343,7 +408,7 @@ def _adjust(pairs: list[dict[str, Any]], *, alpha: float, lower_is_better: bool 
         p["verdict"] = said.replace("A better", f"{p['a']} better").replace("B better", f"{p['b']} better")
     for p in pairs:
         if p["test"] is None:
-            p["p_holm"], p["verdict"] = None, "not run yet"
+            p["p_holm"], p["verdict"] = None, p.pop("reason", "not run yet")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,6 +442,7 @@ def report_markdown(study: Study, gathered: Gathered, analysis: dict[str, Any]) 
         f"- arms: {', '.join(spec.arms)}; seeds: {spec.seeds}; "
         f"runs found: {len(gathered.scored)} of {total}"
         + (f" (missing: {', '.join(f'{a}/seed{s}' for a, s in gathered.missing)})" if gathered.missing else ""),
+        *[f"- left out, {a}/seed{s}: {why}" for (a, s), why in gathered.unreadable.items()],
         f'- test: two-source paired Welch t over seeds and test images (README "Studies"); Holm-adjusted across '
         f"the {len(spec.pairs)} pair(s); α = {spec.alpha}; no verdict below {MIN_SEEDS_FOR_VERDICT} seeds per arm",
         "- per arm: mean ± std over seeds; pooled CI = 95 % percentile interval of the seed-averaged metric with the "
@@ -442,7 +508,8 @@ def report_markdown(study: Study, gathered: Gathered, analysis: dict[str, Any]) 
         gathered.scored.items(), key=lambda item: (list(spec.arms).index(item[0][0]), item[0][1])
     ):
         scale, digits, _ = _scale(spec.metric)
-        cells = [f"{sets[e].metric(spec.metric) * scale:.{digits}f}" for e in spec.eval_sets()]
+        values = [sets[e].metric(spec.metric) for e in spec.eval_sets()]
+        cells = ["—" if math.isnan(v) else f"{v * scale:.{digits}f}" for v in values]
         lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + f" | {gathered.source[(arm, seed)]} |")
     return "\n".join(lines) + "\n"
 
@@ -558,22 +625,28 @@ def write_study_report(
     ``out`` (default: the study's folder); returns their paths.
 
     Raises:
-        ConfigError: no finished run yet, or runs of a pair scored on different images.
+        ConfigError: no finished run yet, runs of a pair scored on different images, or ``out`` not writable.
     """
     gathered = gather(study, message=message)
     if not gathered.scored:
+        left = f" ({len(gathered.unreadable)} finished run(s) left out: their files are unusable, see above)"
         raise ConfigError(
             f"{study.path}: no finished run of study {study.spec.name!r} in {study.out} or in MLflow at "
-            f"{study.tracking_uri}; run it first: ferbench study run {study.path}"
+            f"{study.tracking_uri}{left if gathered.unreadable else ''}; run it first: ferbench study run {study.path}"
         )
     analysis = analyse(study, gathered, n_resamples=n_resamples)
     out = Path(out or study.out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / "report.md", "csv": out / "results.csv", "json": out / "results.json"}
-    atomic_write_text(paths["report"], report_markdown(study, gathered, analysis))
-    atomic_write_text(paths["csv"], _csv_text(results_rows(study, gathered)))
-    atomic_write_text(paths["json"], json.dumps(_jsonable(analysis), indent=2, allow_nan=False) + "\n")
-    paths |= _plots(study, analysis, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths["report"], report_markdown(study, gathered, analysis))
+        atomic_write_text(paths["csv"], _csv_text(results_rows(study, gathered)))
+        atomic_write_text(paths["json"], json.dumps(_jsonable(analysis), indent=2, allow_nan=False) + "\n")
+        paths |= _plots(study, analysis, out)
+    except OSError as exc:
+        raise ConfigError(
+            f"{out}: the report cannot be written there ({exc.strerror or type(exc).__name__}); give --report-dir DIR"
+        ) from None
     return paths
 
 
