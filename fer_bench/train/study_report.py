@@ -360,28 +360,36 @@ def analyse(study: Study, gathered: Gathered, *, n_resamples: int = 1000) -> dic
     for arm in spec.arms:
         rows = {}
         for column in columns:
-            values = [
-                ((gathered.scored[(arm, s)][TEST_SET].results.get("fairness") or {}).get(column) or {})
-                .get(FAIRNESS_GAP, {})
-                .get("value")
+            entries = [
+                ((gathered.scored[(arm, s)][TEST_SET].results.get("fairness") or {}).get(column) or {}).get(
+                    FAIRNESS_GAP, {}
+                )
                 for s in spec.seeds
                 if (arm, s) in gathered.scored
             ]
-            values = [v for v in values if v is not None]
+            values = [e["value"] for e in entries if e.get("value") is not None]
             if values:
+                # each run's bias-corrected gap and bounded-root interval (README "Fairness statistics"), averaged
+                corrected = [e["corrected"] for e in entries if e.get("corrected") is not None]
+                intervals = [e["ci"] for e in entries if e.get("ci")]
                 rows[column] = {
                     "mean": statistics.fmean(values),
                     "std": statistics.stdev(values) if len(values) > 1 else math.nan,
                     "values": values,
+                    "corrected": statistics.fmean(corrected) if corrected else None,
+                    "ci": [statistics.fmean(c[0] for c in intervals), statistics.fmean(c[1] for c in intervals)]
+                    if intervals
+                    else None,
                 }
         fairness["arms"][arm] = rows
-    for pair in spec.pairs:
+    arm_pairs = list(dict.fromkeys((pair.a, pair.b) for pair in spec.pairs))  # once per pair of arms, on test
+    for a, b in arm_pairs:
         for column in columns:
-            test = fairness_pair(study, pair.a, pair.b, column, gathered, n_resamples=n_resamples)
-            row = {"a": pair.a, "b": pair.b, "on": TEST_SET, "metric": column, "test": test}
+            test = fairness_pair(study, a, b, column, gathered, n_resamples=n_resamples)
+            row = {"a": a, "b": b, "on": TEST_SET, "metric": column, "test": test}
             if test is None:
                 why = f"fewer than 2 {column} groups of {MIN_GROUP_SIZE}+ test images"
-                row["reason"] = _untested(study, pair.a, pair.b, gathered, why)
+                row["reason"] = _untested(study, a, b, gathered, why)
             fairness["pairs"].append(row)
     _adjust(fairness["pairs"], alpha=spec.alpha, lower_is_better=True)
     return {"arms": arms, "pairs": pairs, "fairness": fairness, "columns": columns}
@@ -420,6 +428,14 @@ def _pm(row: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> st
         return "—"
     std = "" if math.isnan(row["std"]) else f" ± {row['std'] * scale:.{digits}f}"
     return f"{row['mean'] * scale:.{digits}f}{std}"
+
+
+def _gap_cell(row: dict[str, Any] | None) -> str:
+    """A fairness gap per arm: plug-in mean ± std, then (corrected, [interval]) when the runs have them."""
+    if not row:
+        return "—"
+    extra = f" (corr. {row['corrected'] * 100:.1f}, {_ci(row['ci'])})" if row.get("corrected") is not None else ""
+    return _pm(row) + extra
 
 
 def _ci(ci: Any, scale: float = 100.0, digits: int = 1) -> str:
@@ -480,13 +496,14 @@ def report_markdown(study: Study, gathered: Gathered, analysis: dict[str, Any]) 
             "## Fairness: accuracy range over groups (test split)",
             "",
             f"Max − min accuracy over the groups of each column (groups of at least {MIN_GROUP_SIZE} test images in "
-            "the pair tests); lower is fairer. Mean ± std over seeds, in points.",
+            "the pair tests); lower is fairer. Plug-in mean ± std over seeds, in points; then the mean of the runs' "
+            "bias-corrected gaps and of their bounded-root 95 % intervals (the plug-in is biased upwards).",
             "",
             "| arm | " + " | ".join(analysis["columns"]) + " |",
             "|---|" + "---|" * len(analysis["columns"]),
         ]
         for arm, rows in fairness["arms"].items():
-            lines.append(f"| {arm} | " + " | ".join(_pm(rows.get(c)) for c in analysis["columns"]) + " |")
+            lines.append(f"| {arm} | " + " | ".join(_gap_cell(rows.get(c)) for c in analysis["columns"]) + " |")
         lines.append("")
         if fairness["pairs"]:
             lines += [
