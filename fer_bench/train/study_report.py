@@ -610,23 +610,35 @@ def _plots(study: Study, analysis: dict[str, Any], out: Path) -> dict[str, Path]
     plt.close(fig)
     tested = [p for p in analysis["pairs"] if p["test"] is not None]
     if tested:
-        fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(tested) + 1.2))
-        for i, p in enumerate(tested):
-            scale = _scale(p["metric"])[0]
-            low, high = p["test"]["ci"]
-            ax.errorbar(
-                [p["test"]["delta"] * scale],
-                [i],
-                xerr=[[(p["test"]["delta"] - low) * scale], [(high - p["test"]["delta"]) * scale]],
-                fmt="o",
-                color="C3" if p["verdict"].endswith("better") else "C0",
-                capsize=4,
-            )
-        ax.axvline(0, color="0.4", lw=1)
-        ax.set_yticks(
-            range(len(tested)), [f"{p['a']} − {p['b']}\n{p['metric']} on {p['on']}" for p in tested], fontsize=8
+        # one panel per unit: points of a rate, a cosine as it is (one x axis would mix them)
+        units = {}
+        for p in tested:
+            units.setdefault("cosine" if _scale(p["metric"])[0] == 1.0 else "points", []).append(p)
+        fig, axes = plt.subplots(
+            len(units),
+            1,
+            figsize=(6.6, 0.6 * len(tested) + 1.1 * len(units)),
+            squeeze=False,
+            gridspec_kw={"height_ratios": [len(group) for group in units.values()]},
         )
-        ax.set_xlabel("difference A − B (points; ATT-COS as is), 95 % CI: seeds + test images")
+        for ax, (unit, group) in zip(axes[:, 0], units.items(), strict=True):
+            scale = 1.0 if unit == "cosine" else 100.0
+            for i, p in enumerate(group):
+                delta, (low, high) = p["test"]["delta"], p["test"]["ci"]
+                ax.errorbar(
+                    [delta * scale],
+                    [i],
+                    xerr=[[(delta - low) * scale], [(high - delta) * scale]],
+                    fmt="o",
+                    color="C3" if p["verdict"].endswith("better") else "C0",
+                    capsize=4,
+                )
+            ax.axvline(0, color="0.4", lw=1)
+            ax.set_ylim(-0.6, len(group) - 0.4)
+            ax.set_yticks(
+                range(len(group)), [f"{p['a']} − {p['b']}\n{p['metric']} on {p['on']}" for p in group], fontsize=8
+            )
+            ax.set_xlabel(f"A − B ({unit}), 95 % CI: seeds + test images; red: a verdict", fontsize=8)
         fig.tight_layout()
         paths["pairs"] = out / "pairs.png"
         with atomic_path(paths["pairs"]) as tmp:
