@@ -324,3 +324,21 @@ def test_every_shipped_study_file_resolves(path):
         return
     study = load_study(path)
     assert study.arm_runs and len({run.key for run in study.runs}) == len(study.runs)
+
+
+def test_a_detector_scored_on_faces_without_occluders_has_no_f1_and_the_report_goes_on():
+    """The occlusion head on the clean test split: precision/recall/F1 are None (no occluded patch); found in a real
+    heads study, where the report stopped with a TypeError."""
+    import math
+
+    import pandas as pd
+
+    from fer_bench.train.study_report import Scored
+
+    results = {
+        "metrics": {"acc": 0.8},
+        "heads": {"occlusion_detection": {"f1": None, "precision": None}, "au_attention": {"att_cos": None}},
+    }
+    scored = Scored(results, pd.DataFrame())
+    assert math.isnan(scored.metric("detect_f1")) and math.isnan(scored.metric("att_cos"))
+    assert scored.metric("acc") == 0.8 and math.isnan(scored.metric("macro_f1"))

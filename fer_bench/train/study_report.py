@@ -62,11 +62,16 @@ class Scored:
     predictions: pd.DataFrame
 
     def metric(self, name: str) -> float:
+        """A headline metric, ATT-COS or the occlusion detector's F1; NaN where the run has none (a detector
+        scored on images without occluders has no F1)."""
+        heads = self.results.get("heads") or {}
         if name == "att_cos":
-            return float((self.results.get("heads", {}).get("au_attention") or {}).get("att_cos", math.nan))
-        if name == "detect_f1":
-            return float((self.results.get("heads", {}).get("occlusion_detection") or {}).get("f1", math.nan))
-        return float(self.results["metrics"][name])
+            value = (heads.get("au_attention") or {}).get("att_cos")
+        elif name == "detect_f1":
+            value = (heads.get("occlusion_detection") or {}).get("f1")
+        else:
+            value = self.results["metrics"].get(name)
+        return math.nan if value is None else float(value)
 
 
 @dataclass
