@@ -342,3 +342,10 @@ def test_a_detector_scored_on_faces_without_occluders_has_no_f1_and_the_report_g
     scored = Scored(results, pd.DataFrame())
     assert math.isnan(scored.metric("detect_f1")) and math.isnan(scored.metric("att_cos"))
     assert scored.metric("acc") == 0.8 and math.isnan(scored.metric("macro_f1"))
+    clean = Scored(
+        {"metrics": {}, "heads": {"occlusion_detection": {"f1": 0.0, "occluded_patches": 0}}}, pd.DataFrame()
+    )
+    occluded = Scored(
+        {"metrics": {}, "heads": {"occlusion_detection": {"f1": 0.5, "occluded_patches": 9}}}, pd.DataFrame()
+    )
+    assert math.isnan(clean.metric("detect_f1")) and occluded.metric("detect_f1") == 0.5

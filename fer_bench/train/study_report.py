@@ -67,8 +67,9 @@ class Scored:
         heads = self.results.get("heads") or {}
         if name == "att_cos":
             value = (heads.get("au_attention") or {}).get("att_cos")
-        elif name == "detect_f1":
-            value = (heads.get("occlusion_detection") or {}).get("f1")
+        elif name == "detect_f1":  # only where there are occluders to find: on clean faces F1 is 0 or undefined
+            detection = heads.get("occlusion_detection") or {}
+            value = detection.get("f1") if detection.get("occluded_patches") else None
         else:
             value = self.results["metrics"].get(name)
         return math.nan if value is None else float(value)
