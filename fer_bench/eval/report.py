@@ -22,14 +22,14 @@ from fer_bench.eval.plots import (
 from fer_bench.eval.results import FAIRNESS_KEYS, HEADLINE, PER_IMAGE
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN and inf become null (strict JSON); numpy scalars and arrays become Python values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -301,7 +301,7 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_image = results.get(PER_IMAGE)
-    results = _jsonable({key: value for key, value in results.items() if key != PER_IMAGE})
+    results = jsonable({key: value for key, value in results.items() if key != PER_IMAGE})
     paths = {"results": out / "results.json", "report": out / "report.md", "confusion": out / "confusion_matrix.png"}
     if per_image:
         paths["predictions"] = out / "predictions.csv"

@@ -10,8 +10,6 @@ Holm family). Writes ``report.md``, ``results.csv``, ``arms.png`` and ``pairs.pn
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import statistics
@@ -26,6 +24,7 @@ import pandas as pd
 from fer_bench._io import atomic_path, atomic_write_text
 from fer_bench.errors import ConfigError
 from fer_bench.eval.metrics import accuracy_from_cm, macro_f1_from_cm, mean_class_accuracy_from_cm
+from fer_bench.eval.report import jsonable
 from fer_bench.eval.significance import (
     MIN_SEEDS_FOR_VERDICT,
     holm,
@@ -568,17 +567,6 @@ def results_rows(study: Study, gathered: Gathered) -> list[dict[str, Any]]:
     return rows
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _plots(study: Study, analysis: dict[str, Any], out: Path) -> dict[str, Path]:
     from fer_bench.eval.plots import _plt
 
@@ -675,23 +663,11 @@ def write_study_report(
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(paths["report"], report_markdown(study, gathered, analysis))
-        atomic_write_text(paths["csv"], _csv_text(results_rows(study, gathered)))
-        atomic_write_text(paths["json"], json.dumps(_jsonable(analysis), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(paths["csv"], pd.DataFrame(results_rows(study, gathered)).to_csv(index=False))
+        atomic_write_text(paths["json"], json.dumps(jsonable(analysis), indent=2, allow_nan=False) + "\n")
         paths |= _plots(study, analysis, out)
     except OSError as exc:
         raise ConfigError(
             f"{out}: the report cannot be written there ({exc.strerror or type(exc).__name__}); give --report-dir DIR"
         ) from None
     return paths
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
